@@ -1,0 +1,58 @@
+# bitnet-kde — run `make help` for the list of targets.
+#
+# Variables:
+#   TORCH_SPEC  what `pip install` gets for torch (default: the normal build for this machine;
+#               CI and CPU-only machines set e.g. TORCH_SPEC=torch==2.13.0 for a local CPU wheel)
+#   ARGS        extra arguments: Hydra overrides for train, pytest arguments for test
+#   PYTHON      interpreter used to create the virtual environment (.venv)
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch
+ARGS ?=
+PY := $(VENV)/bin/python
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow test-all train teacher collect eval dryrun bench ensure_dirs check_env clean
+
+help: ## show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install torch ($$TORCH_SPEC) + bitnet-kde with test extras
+
+test: install ## run the test suite except slow tests (ARGS="-k loss" to filter)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-slow: install ## run only the slow tests (multi-process, long end-to-end)
+	$(PY) -m pytest -m slow $(ARGS)
+
+test-all: install ## run every test
+	$(PY) -m pytest $(ARGS)
+
+train: install ensure_dirs ## train the student (ARGS="model=tiny trainer.max_steps=50" for Hydra overrides)
+	$(PY) train.py $(ARGS)
+
+teacher collect eval dryrun: ## pipeline stages that arrive in later releases (exit 1 with a message)
+	@echo "make $@: this stage is not available yet in this version of bitnet-kde." >&2
+	@echo "Available now: make train (synthetic traces or data=parquet), make test, make bench." >&2
+	@exit 1
+
+bench: install ## benchmark training throughput: quantized vs dense student (see docs/BENCHMARKS.md)
+	$(PY) scripts/bench_train.py $(ARGS)
+
+ensure_dirs: ## create data/, reports/, logs/ in the project root
+	@mkdir -p data reports logs
+
+check_env: install ## print versions, devices and precision advice for this machine
+	$(PY) -m bitnet_kde.env
+
+clean: ## remove run logs, caches and build files (keeps data/ and .venv)
+	rm -rf logs .pytest_cache .hypothesis build *.egg-info
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +

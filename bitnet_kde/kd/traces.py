@@ -1,0 +1,297 @@
+"""KD trace files: Parquet schema v1, atomic shard writing and validating reads.
+
+One row per teacher sequence. Every check on read names the file, the row (and its `id`),
+the field and what is wrong, because a bad trace must stop training with a message a user
+can act on, never turn into a NaN loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "TRACE_SCHEMA",
+    "TraceValidationError",
+    "trace_metadata",
+    "write_trace_shard",
+    "read_traces",
+    "validate_traces",
+    "list_shards",
+    "write_manifest",
+]
+
+SCHEMA_VERSION = "1"
+META_PREFIX = "bitnet_kde."
+
+TRACE_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("prompt", pa.string()),
+    pa.field("category", pa.string()),
+    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("completion_start", pa.int32(), nullable=False),
+    pa.field("topk_ids", pa.list_(pa.list_(pa.int32())), nullable=False),
+    pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32())), nullable=False),
+    pa.field("other_logprob", pa.list_(pa.float32()), nullable=False),
+    pa.field("kd_valid", pa.list_(pa.bool_()), nullable=False),
+    pa.field("teacher_text", pa.string()),
+])
+"""Parquet schema v1 of a KD trace shard (see docs/TRACE_FORMAT.md)."""
+
+SUM_TOLERANCE = 1e-4
+"""Allowed excess of sum(exp(topk_logprobs)) over 1 (float32 rounding of K terms)."""
+
+
+class TraceValidationError(ValueError):
+    """A trace file that cannot be trained on; the message names file, row and field."""
+
+
+def trace_metadata(*, teacher_provider: str, teacher_model: str, k: int, sampling: dict,
+                   logprob_mode: str, tokenizer_name: str, tokenizer_hash: str, vocab_size: int,
+                   extra: dict | None = None) -> dict[str, str]:
+    """File-level key/value metadata of a shard (all values are strings)."""
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "teacher_provider": teacher_provider,
+        "teacher_model": teacher_model,
+        "k": str(k),
+        "sampling": json.dumps(sampling, sort_keys=True),
+        "logprob_mode": logprob_mode,
+        "student_tokenizer": tokenizer_name,
+        "student_tokenizer_hash": tokenizer_hash,
+        "vocab_size": str(vocab_size),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta.update(extra or {})
+    return {META_PREFIX + k_: str(v) for k_, v in meta.items()}
+
+
+def write_trace_shard(rows: list[dict] | pa.Table, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write rows as one Parquet shard, atomically: a temp file in the same folder, then rename.
+
+    A reader never sees a half-written shard under its final name, even if the writer is killed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
+    table = table.cast(TRACE_SCHEMA).replace_schema_metadata(metadata)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def list_shards(trace_dir: str | os.PathLike) -> list[Path]:
+    """Shard files (`*.parquet`, not temp files) in a folder, sorted by name."""
+    return sorted(p for p in Path(trace_dir).glob("*.parquet") if not p.name.startswith("."))
+
+
+def read_traces(source, *, vocab_size: int | None = None, k_max: int = 128) -> pa.Table:
+    """Read one file, a folder of shards or a list of files; validate; return one table.
+
+    `vocab_size` (when given) bounds every token id; `k_max` bounds the candidates per position.
+    Raises `TraceValidationError` naming the file, row and field of the first problem.
+    """
+    if isinstance(source, (list, tuple)):
+        files = [Path(f) for f in source]
+    elif Path(source).is_dir():
+        files = list_shards(source)
+        if not files:
+            raise TraceValidationError(f"{source}: no *.parquet trace shards in this folder")
+    else:
+        files = [Path(source)]
+    tables = [_read_one(f, vocab_size=vocab_size, k_max=k_max) for f in files]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _read_one(path: Path, *, vocab_size: int | None, k_max: int) -> pa.Table:
+    if not path.exists():
+        raise TraceValidationError(f"{path}: trace file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise TraceValidationError(
+            f"{path}: not a readable Parquet file (truncated or corrupt?): {e}. "
+            "Delete it and re-run collection to regenerate it."
+        ) from e
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    version = meta.get(META_PREFIX + "schema_version")
+    if version != SCHEMA_VERSION:
+        raise TraceValidationError(
+            f"{path}: trace schema version {version!r}, this version of bitnet-kde reads "
+            f"{SCHEMA_VERSION!r} (metadata key '{META_PREFIX}schema_version')"
+        )
+    _check_types(path, table.schema)
+    table = table.select(TRACE_SCHEMA.names)
+    validate_traces(table, name=str(path), vocab_size=vocab_size, k_max=k_max)
+    return table.cast(TRACE_SCHEMA.with_metadata(table.schema.metadata))
+
+
+def _check_types(path: Path, schema: pa.Schema) -> None:
+    for field in TRACE_SCHEMA:
+        if field.name not in schema.names:
+            raise TraceValidationError(f"{path}: missing column '{field.name}' (expected {field.type})")
+        got = schema.field(field.name).type
+        if not _compatible(got, field.type):
+            raise TraceValidationError(
+                f"{path}: column '{field.name}' has type {got}, expected {field.type}"
+            )
+
+
+def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
+    """Same logical type; integer/float widths and large_* list/string variants are accepted."""
+    if pa.types.is_list(want):
+        return (pa.types.is_list(got) or pa.types.is_large_list(got)) and _compatible(got.value_type, want.value_type)
+    if pa.types.is_integer(want):
+        return pa.types.is_integer(got)
+    if pa.types.is_floating(want):
+        return pa.types.is_floating(got)
+    if pa.types.is_string(want):
+        return pa.types.is_string(got) or pa.types.is_large_string(got)
+    return got == want
+
+
+def _flat(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """(offsets, values) of a list column: row r spans values[offsets[r]:offsets[r+1]]."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offsets = arr.offsets.to_numpy()
+    return offsets - offsets[0], arr.flatten()
+
+
+def _first_null(col) -> int | None:
+    if not col.null_count:
+        return None
+    return int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+
+
+def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int | None = None,
+                    k_max: int = 128) -> None:
+    """Vectorised checks of SPEC §3; raises `TraceValidationError` for the first bad row."""
+    ids = table.column("id").to_pylist()
+
+    def fail(row: int, field: str, problem: str):
+        raise TraceValidationError(f"{name}: row {row} (id={ids[row]!r}), field '{field}': {problem}")
+
+    def row_of(offsets: np.ndarray, flat_index: int) -> int:
+        return int(np.searchsorted(offsets, flat_index, side="right") - 1)
+
+    n = table.num_rows
+    for field in ("id", "input_ids", "completion_start", "topk_ids", "topk_logprobs", "other_logprob", "kd_valid"):
+        row = _first_null(table.column(field))
+        if row is not None:
+            fail(row, field, "is null")
+    lengths = {f: _flat(table.column(f)) for f in ("input_ids", "topk_ids", "topk_logprobs", "other_logprob", "kd_valid")}
+    for field, (off, values) in lengths.items():
+        idx = _first_null(values)
+        if idx is not None:
+            fail(row_of(off, idx), field, f"element {idx - off[row_of(off, idx)]} is null")
+    seq_len = np.diff(lengths["input_ids"][0])
+    for field in ("topk_ids", "topk_logprobs", "other_logprob", "kd_valid"):
+        other = np.diff(lengths[field][0])
+        bad = np.flatnonzero(other != seq_len)
+        if bad.size:
+            r = int(bad[0])
+            fail(r, field, f"has {other[r]} positions but input_ids has {seq_len[r]} (ragged lists)")
+    bad = np.flatnonzero(seq_len < 2)
+    if bad.size:
+        fail(int(bad[0]), "input_ids", f"has {seq_len[bad[0]]} tokens; a trace needs at least 2")
+
+    cs = table.column("completion_start").to_numpy()
+    bad = np.flatnonzero((cs < 1) | (cs >= seq_len))
+    if bad.size:
+        r = int(bad[0])
+        fail(r, "completion_start", f"is {cs[r]}, must be in [1, {seq_len[r] - 1}] (the completion needs ≥1 token)")
+
+    row_off, tok = lengths["input_ids"][0], lengths["input_ids"][1].to_numpy()
+    if vocab_size is not None:
+        bad = np.flatnonzero((tok < 0) | (tok >= vocab_size))
+        if bad.size:
+            fail(row_of(row_off, bad[0]), "input_ids", f"token id {tok[bad[0]]} outside [0, {vocab_size})")
+
+    # Per-position candidate lists: positions -> candidates.
+    pos_off_ids, cand_ids_arr = _flat(lengths["topk_ids"][1])
+    pos_off_lp, cand_lp_arr = _flat(lengths["topk_logprobs"][1])
+    for field, (off, values) in (("topk_ids", (pos_off_ids, cand_ids_arr)), ("topk_logprobs", (pos_off_lp, cand_lp_arr))):
+        idx = _first_null(values)
+        if idx is not None:
+            pos = int(np.searchsorted(off, idx, side="right") - 1)
+            r = row_of(row_off, pos)
+            fail(r, field, f"position {pos - row_off[r]} holds a null candidate")
+    k_ids, k_lp = np.diff(pos_off_ids), np.diff(pos_off_lp)
+    bad = np.flatnonzero(k_ids != k_lp)
+    if bad.size:
+        fail(row_of(row_off, bad[0]), "topk_logprobs",
+             f"position {bad[0] - row_off[row_of(row_off, bad[0])]} has {k_lp[bad[0]]} logprobs for {k_ids[bad[0]]} ids")
+    bad = np.flatnonzero(k_ids > k_max)
+    if bad.size:
+        fail(row_of(row_off, bad[0]), "topk_ids", f"{k_ids[bad[0]]} candidates at one position exceeds K_max={k_max}")
+
+    cand_ids = cand_ids_arr.to_numpy(zero_copy_only=False)
+    cand_lp = cand_lp_arr.to_numpy(zero_copy_only=False).astype(np.float64)
+    pos_row = np.repeat(np.arange(n), seq_len)                  # row of each position
+    cand_pos = np.repeat(np.arange(k_ids.size), k_ids)          # position of each candidate
+
+    def fail_cand(field: str, idx: int, problem: str):
+        p = int(cand_pos[idx])
+        r = int(pos_row[p])
+        fail(r, field, f"position {p - row_off[r]}: {problem}")
+
+    if vocab_size is not None:
+        bad = np.flatnonzero((cand_ids < 0) | (cand_ids >= vocab_size))
+        if bad.size:
+            fail_cand("topk_ids", bad[0], f"token id {cand_ids[bad[0]]} outside [0, {vocab_size})")
+    bad = np.flatnonzero(~np.isfinite(cand_lp))
+    if bad.size:
+        fail_cand("topk_logprobs", bad[0], f"logprob {cand_lp[bad[0]]} is not finite")
+    bad = np.flatnonzero(cand_lp > 0)
+    if bad.size:
+        fail_cand("topk_logprobs", bad[0], f"logprob {cand_lp[bad[0]]} > 0 (not a log-probability)")
+
+    other = lengths["other_logprob"][1].to_numpy(zero_copy_only=False).astype(np.float64)
+    bad = np.flatnonzero(np.isnan(other) | (other > 0) | (other == np.inf))
+    if bad.size:
+        p = int(bad[0])
+        fail(int(pos_row[p]), "other_logprob", f"position {p - row_off[pos_row[p]]}: value {other[p]} must be ≤ 0")
+
+    valid = lengths["kd_valid"][1].to_numpy(zero_copy_only=False).astype(bool)
+    mass = np.zeros(k_ids.size)
+    np.add.at(mass, cand_pos, np.exp(cand_lp))
+    bad = np.flatnonzero(valid & (mass > 1 + SUM_TOLERANCE))
+    if bad.size:
+        p = int(bad[0])
+        fail(int(pos_row[p]), "topk_logprobs",
+             f"position {p - row_off[pos_row[p]]}: probabilities sum to {mass[p]:.6f} > 1")
+    bad = np.flatnonzero(valid & (k_ids == 0))
+    if bad.size:
+        p = int(bad[0])
+        fail(int(pos_row[p]), "kd_valid", f"position {p - row_off[pos_row[p]]} is KD-valid but has no candidates")
+
+
+def write_manifest(trace_dir: str | os.PathLike, shards: list[Path], info: dict) -> Path:
+    """Write `manifest.json` (atomically) listing shards with row counts and sha256 hashes."""
+    import hashlib
+
+    trace_dir = Path(trace_dir)
+    entries = []
+    for shard in shards:
+        digest = hashlib.sha256(Path(shard).read_bytes()).hexdigest()
+        rows = pq.ParquetFile(shard).metadata.num_rows
+        entries.append({"file": Path(shard).name, "rows": rows, "sha256": digest})
+    manifest = {"schema_version": SCHEMA_VERSION, **info, "shards": entries,
+                "rows": sum(e["rows"] for e in entries)}
+    path = trace_dir / "manifest.json"
+    tmp = path.with_name(f".manifest.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,174 @@
+"""Distillation losses on Top-K + Other teacher traces.
+
+All losses are next-token aligned: `logits[:, t]` predicts token `t + 1` and is paired with
+the teacher's `topk_*[:, t]`. A position takes part only where its mask is True; masked
+positions contribute exactly zero to the value and the gradient, whatever numbers (even
+NaN or -inf) the padded teacher tensors hold there.
+
+Memory: the only [B, T, V] tensor needed is the logits themselves. Per position we keep
+`logsumexp(z)` and a few gathered values; `chunk_size` processes positions in chunks under
+activation checkpointing so even the transient softmax of the backward pass is O(chunk x V).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["kd_topk_other_loss", "DistillationLoss", "LossConfig"]
+
+def _kd_per_position(z, topk_ids, topk_lp, other_lp, tau: float, other: str) -> torch.Tensor:
+    """KL(teacher || student) over the K+1 buckets for each row of z [N, V].
+
+    Expects sanitized teacher tensors (see `_safe_teacher`): padded slots hold logprob -inf
+    and repeat a valid id, and every row has at least one valid slot.
+    """
+    z = z.float()
+    if tau != 1.0:
+        z = z / tau
+    slot = torch.isfinite(topk_lp)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    s_k = (z.gather(-1, topk_ids) - lse).masked_fill(~slot, -math.inf)   # student log q_k
+    t_k = topk_lp / tau
+    if other == "bucket":
+        # Student tail mass from the complement itself: exact even when it is ~1e-9, where
+        # log(1 - sum q_k) would cancel to log(0). Floored so a saturated student stays finite.
+        tail = torch.logsumexp(z.scatter(-1, topk_ids, -math.inf), dim=-1, keepdim=True) - lse
+        s = torch.cat([s_k, tail.clamp_min(-1e4)], dim=-1)
+        t = torch.cat([t_k, other_lp.unsqueeze(-1) / tau], dim=-1)
+    elif other == "renormalize":  # drop the tail on both sides
+        s = s_k - torch.logsumexp(s_k, dim=-1, keepdim=True)
+        t = t_k
+    else:
+        raise ValueError(f"unknown Other handling {other!r} (use 'bucket' or 'renormalize')")
+    t = t - torch.logsumexp(t, dim=-1, keepdim=True)  # normalize teacher buckets
+    p = t.exp()
+    # Buckets with zero teacher mass contribute exactly 0; selecting before multiplying keeps
+    # -inf - -inf out of both the value and the gradient.
+    diff = torch.where(p > 0, t - s, torch.zeros_like(t))
+    return (p * diff).sum(-1)
+
+
+def _safe_teacher(topk_ids, topk_lp, other_lp, mask, vocab_size):
+    """Teacher tensors that cannot produce NaN anywhere.
+
+    Masked-out positions get a single valid slot (id 0, logprob 0) and Other logprob 0; padded
+    slots (non-finite logprob) get logprob -inf and repeat the row's first id so that the
+    scatter of the complement only removes real candidates.
+    """
+    m = mask.unsqueeze(-1)
+    lp = topk_lp.float()
+    slot = torch.isfinite(lp) & m
+    first = torch.zeros_like(slot)
+    first[..., 0] = True
+    slot = torch.where(m, slot, first)
+    lp = torch.where(slot, torch.where(m, lp, 0.0), -math.inf)
+    ids = torch.where(m, topk_ids.long(), 0).clamp(0, vocab_size - 1)
+    ids = torch.where(slot, ids, ids[..., :1])
+    olp = torch.where(mask, other_lp.float(), 0.0)
+    return ids, lp, olp
+
+
+def kd_topk_other_loss(logits, topk_ids, topk_logprobs, other_logprob, mask, tau: float = 1.0,
+                       other: str = "bucket") -> torch.Tensor:
+    """`tau**2` x mean over masked-in positions of KL(teacher || student) over {top-K, Other}.
+
+    Shapes: logits [B, T, V]; topk_ids / topk_logprobs [B, T, K] (padded slots: logprob -inf
+    or NaN); other_logprob, mask [B, T]. Returns a scalar; 0 (with a gradient path) if the
+    mask is empty.
+    """
+    ids, lp, olp = _safe_teacher(topk_ids, topk_logprobs, other_logprob, mask, logits.shape[-1])
+    kl = _kd_per_position(logits.flatten(0, -2), ids.flatten(0, -2), lp.flatten(0, -2), olp.flatten(), tau, other)
+    kl = torch.where(mask.flatten(), kl, torch.zeros_like(kl))
+    return tau**2 * kl.sum() / mask.sum().clamp_min(1)
+
+
+@dataclass
+class LossConfig:
+    """Weights and variants of the total distillation loss."""
+
+    kd_weight: float = 1.0
+    """Weight of the Top-K + Other KL term."""
+    ce_weight: float = 0.5
+    """Weight of cross-entropy on the teacher's actual next token."""
+    format_weight: float = 0.1
+    """Weight of cross-entropy restricted to JSON structural tokens."""
+    tau: float = 1.0
+    """Distillation temperature (exact at 1; the Other atom is an approximation otherwise)."""
+    other: str = "bucket"
+    """`bucket` keeps the teacher's tail mass as an Other bucket; `renormalize` drops it."""
+    ce_only: bool = False
+    """Train on CE (+ format) only; KD is still computed and logged, with weight 0 (ablation)."""
+    chunk_size: int | None = 2048
+    """Positions per chunk (bounds peak memory at O(chunk x V)); None = all at once."""
+
+
+class DistillationLoss(torch.nn.Module):
+    """`total = w_kd * KD + w_ce * CE + w_fmt * format`, computed from one pass over the logits.
+
+    `batch` holds (all [B, T] unless noted): `input_ids`, `loss_mask` (position t predicts a
+    completion token), `kd_valid`, `format_mask`, `topk_ids`/`topk_logprobs` [B, T, K],
+    `other_logprob`. Returns a dict of scalar tensors: `loss`, `kd`, `ce`, `format`,
+    `top1_agree` (student argmax == teacher top-1 on KD positions, no gradient), and counts.
+    """
+
+    def __init__(self, cfg: LossConfig | None = None, **kwargs):
+        super().__init__()
+        self.cfg = cfg or LossConfig(**kwargs)
+        if self.cfg.other not in ("bucket", "renormalize"):
+            raise ValueError(f"loss.other must be 'bucket' or 'renormalize', got {self.cfg.other!r}")
+
+    def _chunk_terms(self, z, targets, ids, lp, olp):
+        z = z.float()
+        lse = torch.logsumexp(z, dim=-1)
+        ce = lse - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        kd = _kd_per_position(z, ids, lp, olp, self.cfg.tau, self.cfg.other)
+        agree = (z.argmax(-1) == ids[:, 0]).float()
+        return ce, kd, agree
+
+    def forward(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        v = logits.shape[-1]
+        loss_mask = batch["loss_mask"]
+        kd_mask = loss_mask & batch["kd_valid"]
+        fmt_mask = loss_mask & batch["format_mask"]
+        rows = loss_mask.flatten().nonzero().squeeze(-1)            # only loss-bearing positions
+        targets = batch["input_ids"][:, 1:]
+        targets = torch.cat([targets, torch.zeros_like(targets[:, :1])], dim=1).flatten()[rows]
+        ids, lp, olp = _safe_teacher(batch["topk_ids"], batch["topk_logprobs"], batch["other_logprob"],
+                                     kd_mask, v)
+        ids, lp, olp = ids.flatten(0, 1)[rows], lp.flatten(0, 1)[rows], olp.flatten()[rows]
+        flat = logits.flatten(0, 1)
+        step = self.cfg.chunk_size or max(rows.numel(), 1)
+        parts = []
+        for s in range(0, rows.numel(), step):
+            sl = slice(s, s + step)
+            args = (flat[rows[sl]], targets[sl], ids[sl], lp[sl], olp[sl])
+            if self.cfg.chunk_size and torch.is_grad_enabled() and rows.numel() > step:
+                parts.append(checkpoint(self._chunk_terms, *args, use_reentrant=False))
+            else:
+                parts.append(self._chunk_terms(*args))
+        if parts:
+            ce, kd, agree = (torch.cat(x) for x in zip(*parts))
+        else:
+            ce = kd = agree = logits.new_zeros(0, dtype=torch.float32)
+        kd_sel, fmt_sel = kd_mask.flatten()[rows], fmt_mask.flatten()[rows]
+        zero = logits.sum() * 0.0                                   # keeps the graph when all masks are empty
+
+        def masked_mean(x, m):
+            return torch.where(m, x, torch.zeros_like(x)).sum() / m.sum().clamp_min(1) + zero
+
+        out = {
+            "ce": ce.sum() / max(rows.numel(), 1) + zero,
+            "kd": self.cfg.tau**2 * masked_mean(kd, kd_sel),
+            "format": masked_mean(ce, fmt_sel),
+            "top1_agree": masked_mean(agree, kd_sel).detach(),
+            "n_tokens": loss_mask.sum(),
+            "n_kd_tokens": kd_mask.sum(),
+            "n_format_tokens": fmt_mask.sum(),
+        }
+        w_kd = 0.0 if self.cfg.ce_only else self.cfg.kd_weight
+        out["loss"] = w_kd * out["kd"] + self.cfg.ce_weight * out["ce"] + self.cfg.format_weight * out["format"]
+        return out

@@ -1,0 +1,13 @@
+"""The BitNet student model."""
+
+from bitnet_kde.model.bitnet import (
+    PRESETS,
+    BitLinear,
+    BitNetConfig,
+    BitNetLM,
+    bitnet_7b,
+    bitnet_mini,
+    bitnet_tiny,
+)
+
+__all__ = ["PRESETS", "BitLinear", "BitNetConfig", "BitNetLM", "bitnet_7b", "bitnet_mini", "bitnet_tiny"]

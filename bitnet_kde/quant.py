@@ -1,0 +1,143 @@
+"""BitNet b1.58 quantizers: ternary weights, per-token k-bit activations, 2-bit packing.
+
+The training-time quantizers are *fake* quantizers: they return float tensors whose values
+lie on the quantization grid, and their gradient is the straight-through estimator (STE),
+i.e. the identity. Both are written as `torch.autograd.Function`s instead of the usual
+`x + (q - x).detach()` trick: the result is the same, but it saves two full-size temporaries
+per call, which is most of the quantization overhead on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "ternary_weight",
+    "quantize_activations",
+    "fake_quant_weight",
+    "fake_quant_activations",
+    "pack_ternary",
+    "unpack_ternary",
+    "WEIGHT_EPS",
+    "ACT_EPS",
+]
+
+WEIGHT_EPS = 1e-5
+"""Added to mean|W| so an all-zero matrix gets a finite scale."""
+ACT_EPS = 1e-5
+"""Floor of the per-token activation scale so an all-zero token does not divide by zero."""
+
+
+def ternary_weight(w: torch.Tensor, eps: float = WEIGHT_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor absmean ternarization.
+
+    Returns `(wq, scale)` with `wq = clamp(round(w / scale), -1, 1)` (values in {-1, 0, 1},
+    same shape and dtype as `w`) and `scale = mean(|w|) + eps` (a 0-dim tensor), so that
+    `wq * scale` is the dequantized weight.
+    """
+    scale = w.abs().mean() + eps
+    wq = torch.clamp(torch.round(w / scale), -1, 1)
+    return wq, scale
+
+
+def _act_levels(bits: int) -> int:
+    if bits < 2:
+        raise ValueError(f"activation bits must be >= 2, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_activations(x: torch.Tensor, bits: int = 8, scale_mode: str = "absmax") -> torch.Tensor:
+    """Per-token symmetric fake-quantization of `x` to `bits` bits (no gradient logic).
+
+    `Q = 2**(bits-1) - 1`; with `m = max|x|` over the last dimension,
+    `x_q = clamp(round(x * Q / m), -Q - 1, Q) * m / Q`. Same shape and dtype as `x`.
+
+    `scale_mode="absmean"` replaces `m` by `2.5 * mean|x|` (a clipped scale in the spirit of
+    BitNet a4.8): at 4 bits the absmax grid wastes most levels on rare outliers.
+    """
+    q = _act_levels(bits)
+    xf = x.float()
+    if scale_mode == "absmax":
+        m = xf.abs().amax(dim=-1, keepdim=True)
+    elif scale_mode == "absmean":
+        m = 2.5 * xf.abs().mean(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"unknown activation scale_mode {scale_mode!r} (use 'absmax' or 'absmean')")
+    step = m.clamp_min(ACT_EPS) / q
+    out = (xf / step).round_().clamp_(-q - 1, q).mul_(step)
+    return out.to(x.dtype)
+
+
+class _FakeQuantActivations(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bits, scale_mode, lam):  # type: ignore[override]
+        xq = quantize_activations(x, bits, scale_mode)
+        if lam >= 1.0:
+            return xq
+        return torch.lerp(x, xq, lam)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None, None, None
+
+
+class _FakeQuantWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, eps, lam):  # type: ignore[override]
+        wq, scale = ternary_weight(w, eps)
+        wq = wq.mul_(scale)
+        if lam >= 1.0:
+            return wq
+        return torch.lerp(w, wq, lam)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None, None
+
+
+def fake_quant_activations(
+    x: torch.Tensor, bits: int = 8, scale_mode: str = "absmax", lam: float = 1.0
+) -> torch.Tensor:
+    """`quantize_activations` with a straight-through gradient and warm-up blend.
+
+    `lam` in [0, 1] blends full precision (0) and quantized (1) values; the gradient with
+    respect to `x` is the identity for every `lam`.
+    """
+    return _FakeQuantActivations.apply(x, bits, scale_mode, float(lam))
+
+
+def fake_quant_weight(w: torch.Tensor, lam: float = 1.0, eps: float = WEIGHT_EPS) -> torch.Tensor:
+    """Dequantized ternary weight `ternary_weight(w) -> wq * scale` with a straight-through gradient."""
+    return _FakeQuantWeight.apply(w, eps, float(lam))
+
+
+def pack_ternary(wq: torch.Tensor) -> torch.Tensor:
+    """Pack a ternary tensor (values in {-1, 0, 1}) into uint8, four 2-bit codes per byte.
+
+    Code `c = w + 1` (0, 1, 2); element `i` of the flattened tensor goes to byte `i // 4`,
+    bits `2 * (i % 4)`. The result is 1-D with `ceil(numel / 4)` bytes; keep the shape to unpack.
+    """
+    flat = wq.reshape(-1)
+    if flat.numel() and not bool(((flat == -1) | (flat == 0) | (flat == 1)).all()):
+        raise ValueError("pack_ternary expects values in {-1, 0, 1}; quantize with ternary_weight first")
+    codes = (flat.to(torch.int16) + 1).to(torch.uint8)
+    pad = (-codes.numel()) % 4
+    if pad:
+        codes = torch.cat([codes, codes.new_ones(pad)])  # code 1 == value 0
+    codes = codes.view(-1, 4)
+    return codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
+
+
+def unpack_ternary(packed: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
+    """Inverse of `pack_ternary`: returns a tensor of `shape` with values in {-1, 0, 1}."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 3) // 4:
+        raise ValueError(
+            f"packed tensor does not match shape {tuple(shape)}: expected 1-D uint8 with "
+            f"{(numel + 3) // 4} bytes, got {packed.dtype} {tuple(packed.shape)}"
+        )
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & 3
+    return (codes.reshape(-1)[:numel].to(dtype) - 1).reshape(shape)
