@@ -20,13 +20,20 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["kd_topk_other_loss", "DistillationLoss", "LossConfig"]
 
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32 (bf16/fp16 logits are upcast), but float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _kd_per_position(z, topk_ids, topk_lp, other_lp, tau: float, other: str) -> torch.Tensor:
     """KL(teacher || student) over the K+1 buckets for each row of z [N, V].
 
     Expects sanitized teacher tensors (see `_safe_teacher`): padded slots hold logprob -inf
     and repeat a valid id, and every row has at least one valid slot.
     """
-    z = z.float()
+    z = z.to(_compute_dtype(z.dtype))
+    topk_lp, other_lp = topk_lp.to(z.dtype), other_lp.to(z.dtype)
     if tau != 1.0:
         z = z / tau
     slot = torch.isfinite(topk_lp)
@@ -60,7 +67,7 @@ def _safe_teacher(topk_ids, topk_lp, other_lp, mask, vocab_size):
     scatter of the complement only removes real candidates.
     """
     m = mask.unsqueeze(-1)
-    lp = topk_lp.float()
+    lp = topk_lp.to(_compute_dtype(topk_lp.dtype))
     slot = torch.isfinite(lp) & m
     first = torch.zeros_like(slot)
     first[..., 0] = True
@@ -68,7 +75,7 @@ def _safe_teacher(topk_ids, topk_lp, other_lp, mask, vocab_size):
     lp = torch.where(slot, torch.where(m, lp, 0.0), -math.inf)
     ids = torch.where(m, topk_ids.long(), 0).clamp(0, vocab_size - 1)
     ids = torch.where(slot, ids, ids[..., :1])
-    olp = torch.where(mask, other_lp.float(), 0.0)
+    olp = torch.where(mask, other_lp.to(_compute_dtype(other_lp.dtype)), 0.0)
     return ids, lp, olp
 
 
@@ -122,7 +129,7 @@ class DistillationLoss(torch.nn.Module):
             raise ValueError(f"loss.other must be 'bucket' or 'renormalize', got {self.cfg.other!r}")
 
     def _chunk_terms(self, z, targets, ids, lp, olp):
-        z = z.float()
+        z = z.to(_compute_dtype(z.dtype))
         lse = torch.logsumexp(z, dim=-1)
         ce = lse - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         kd = _kd_per_position(z, ids, lp, olp, self.cfg.tau, self.cfg.other)
@@ -153,7 +160,7 @@ class DistillationLoss(torch.nn.Module):
         if parts:
             ce, kd, agree = (torch.cat(x) for x in zip(*parts))
         else:
-            ce = kd = agree = logits.new_zeros(0, dtype=torch.float32)
+            ce = kd = agree = logits.new_zeros(0, dtype=_compute_dtype(logits.dtype))
         kd_sel, fmt_sel = kd_mask.flatten()[rows], fmt_mask.flatten()[rows]
         zero = logits.sum() * 0.0                                   # keeps the graph when all masks are empty
 

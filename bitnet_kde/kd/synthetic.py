@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bitnet_kde.kd.traces import list_shards, trace_metadata, write_manifest, write_trace_shard
+from bitnet_kde.kd.traces import trace_metadata, write_manifest, write_trace_shard
 
 CATEGORIES = ("qa", "explain", "json", "list", "code", "math", "rewrite")
 OTHER_FLOOR = -30.0
@@ -54,8 +54,8 @@ class BigramTeacher:
         if not manifest.exists():
             return False
         info = json.loads(manifest.read_text())
-        names = {p.name for p in list_shards(trace_dir)}
-        return info.get("trace_set") == self.trace_set_id and all(s["file"] in names for s in info["shards"])
+        return info.get("trace_set") == self.trace_set_id and all(
+            (Path(trace_dir) / s["file"]).exists() for s in info.get("shards", []))
 
     def log_probs(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)
@@ -69,7 +69,7 @@ class BigramTeacher:
         lp_table = self.log_probs()
         top_lp, top_ids = lp_table.topk(self.k, dim=-1)
         other = torch.logsumexp(top_lp, dim=-1)
-        other = torch.log(-torch.expm1(other)).clamp(min=OTHER_FLOOR, max=0.0)
+        other = torch.log(-torch.expm1(other.clamp(max=0.0))).clamp(min=OTHER_FLOOR, max=0.0)
         g = torch.Generator().manual_seed(self.seed + 1)
         meta = trace_metadata(
             teacher_provider=self.provider, teacher_model=self.model, k=self.k,

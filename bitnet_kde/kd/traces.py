@@ -93,8 +93,24 @@ def write_trace_shard(rows: list[dict] | pa.Table, path: str | os.PathLike, meta
 
 
 def list_shards(trace_dir: str | os.PathLike) -> list[Path]:
-    """Shard files (`*.parquet`, not temp files) in a folder, sorted by name."""
-    return sorted(p for p in Path(trace_dir).glob("*.parquet") if not p.name.startswith("."))
+    """Shard files of a trace folder: those its `manifest.json` lists, else every `*.parquet`.
+
+    The manifest wins so that one folder holding an older trace set never mixes it into the
+    current one; a listed shard that is missing is an error, not a silent gap.
+    """
+    trace_dir = Path(trace_dir)
+    manifest = trace_dir / "manifest.json"
+    if manifest.exists():
+        info = json.loads(manifest.read_text())
+        if not isinstance(info.get("shards"), list):
+            raise TraceValidationError(f"{manifest}: no 'shards' list; delete the manifest or re-run collection")
+        listed = [trace_dir / s["file"] for s in info["shards"]]
+        missing = [p.name for p in listed if not p.exists()]
+        if missing:
+            raise TraceValidationError(f"{manifest}: lists shards that are missing: {missing[:5]}; "
+                                       "re-run collection to complete the trace set")
+        return listed
+    return sorted(p for p in trace_dir.glob("*.parquet") if not p.name.startswith("."))
 
 
 def read_traces(source, *, vocab_size: int | None = None, k_max: int = 128) -> pa.Table:
@@ -214,10 +230,10 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
         fail(r, "completion_start", f"is {cs[r]}, must be in [1, {seq_len[r] - 1}] (the completion needs ≥1 token)")
 
     row_off, tok = lengths["input_ids"][0], lengths["input_ids"][1].to_numpy()
-    if vocab_size is not None:
-        bad = np.flatnonzero((tok < 0) | (tok >= vocab_size))
-        if bad.size:
-            fail(row_of(row_off, bad[0]), "input_ids", f"token id {tok[bad[0]]} outside [0, {vocab_size})")
+    upper = vocab_size if vocab_size is not None else np.iinfo(np.int64).max
+    bad = np.flatnonzero((tok < 0) | (tok >= upper))
+    if bad.size:
+        fail(row_of(row_off, bad[0]), "input_ids", f"token id {tok[bad[0]]} outside [0, {vocab_size or 'vocab'})")
 
     # Per-position candidate lists: positions -> candidates.
     pos_off_ids, cand_ids_arr = _flat(lengths["topk_ids"][1])
@@ -247,10 +263,9 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
         r = int(pos_row[p])
         fail(r, field, f"position {p - row_off[r]}: {problem}")
 
-    if vocab_size is not None:
-        bad = np.flatnonzero((cand_ids < 0) | (cand_ids >= vocab_size))
-        if bad.size:
-            fail_cand("topk_ids", bad[0], f"token id {cand_ids[bad[0]]} outside [0, {vocab_size})")
+    bad = np.flatnonzero((cand_ids < 0) | (cand_ids >= upper))
+    if bad.size:
+        fail_cand("topk_ids", bad[0], f"token id {cand_ids[bad[0]]} outside [0, {vocab_size or 'vocab'})")
     bad = np.flatnonzero(~np.isfinite(cand_lp))
     if bad.size:
         fail_cand("topk_logprobs", bad[0], f"logprob {cand_lp[bad[0]]} is not finite")
