@@ -26,24 +26,48 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _kd_per_position(z, topk_ids, topk_lp, other_lp, tau: float, other: str) -> torch.Tensor:
+_EXACT_TAIL_ABOVE = math.log(0.99)
+"""Rows whose top-K hold more than 99% of the student's mass get the exact complement sum."""
+
+
+def _student_tail(z, lse, s_k, topk_ids) -> torch.Tensor:
+    """log of the student's probability mass outside the top-K ids, per row ([N, 1]).
+
+    `log(1 - sum q_k)` is accurate while the tail is not small and costs nothing extra. When
+    the top-K hold > 99% of the mass it would cancel (down to log 0 for a tail of 1e-9), so
+    those rows use `logsumexp` over the complement itself: one more pass over V, but only
+    for the rows that need it.
+    """
+    covered = torch.logsumexp(s_k, dim=-1, keepdim=True)  # log sum q_k
+    exact = covered > _EXACT_TAIL_ABOVE
+    # The where keeps rows that take the exact path away from log(0) (and its inf gradient).
+    tail = torch.log(-torch.expm1(torch.where(exact, torch.full_like(covered, -1.0), covered)))
+    if bool(exact.any()):
+        rows = exact.squeeze(-1).nonzero().squeeze(-1)
+        rest = z[rows].scatter(-1, topk_ids[rows], -math.inf)
+        tail = tail.index_put((rows,), torch.logsumexp(rest, dim=-1, keepdim=True) - lse[rows])
+    return tail
+
+
+def _kd_per_position(z, topk_ids, topk_lp, other_lp, tau: float, other: str, lse=None) -> torch.Tensor:
     """KL(teacher || student) over the K+1 buckets for each row of z [N, V].
 
     Expects sanitized teacher tensors (see `_safe_teacher`): padded slots hold logprob -inf
-    and repeat a valid id, and every row has at least one valid slot.
+    and repeat a valid id, and every row has at least one valid slot. `lse` (the row-wise
+    logsumexp of z, [N, 1]) may be passed in when the caller has it and tau == 1.
     """
     z = z.to(_compute_dtype(z.dtype))
     topk_lp, other_lp = topk_lp.to(z.dtype), other_lp.to(z.dtype)
     if tau != 1.0:
-        z = z / tau
+        z, lse = z / tau, None
     slot = torch.isfinite(topk_lp)
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    if lse is None:
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
     s_k = (z.gather(-1, topk_ids) - lse).masked_fill(~slot, -math.inf)   # student log q_k
     t_k = topk_lp / tau
     if other == "bucket":
-        # Student tail mass from the complement itself: exact even when it is ~1e-9, where
-        # log(1 - sum q_k) would cancel to log(0). Floored so a saturated student stays finite.
-        tail = torch.logsumexp(z.scatter(-1, topk_ids, -math.inf), dim=-1, keepdim=True) - lse
+        # Floored so that a saturated student (tail exactly 0 in floating point) stays finite.
+        tail = _student_tail(z, lse, s_k, topk_ids)
         s = torch.cat([s_k, tail.clamp_min(-1e4)], dim=-1)
         t = torch.cat([t_k, other_lp.unsqueeze(-1) / tau], dim=-1)
     elif other == "renormalize":  # drop the tail on both sides
@@ -130,9 +154,9 @@ class DistillationLoss(torch.nn.Module):
 
     def _chunk_terms(self, z, targets, ids, lp, olp):
         z = z.to(_compute_dtype(z.dtype))
-        lse = torch.logsumexp(z, dim=-1)
-        ce = lse - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        kd = _kd_per_position(z, ids, lp, olp, self.cfg.tau, self.cfg.other)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        ce = (lse - z.gather(-1, targets.unsqueeze(-1))).squeeze(-1)
+        kd = _kd_per_position(z, ids, lp, olp, self.cfg.tau, self.cfg.other, lse=lse)
         agree = (z.argmax(-1) == ids[:, 0]).float()
         return ce, kd, agree
 

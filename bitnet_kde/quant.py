@@ -9,6 +9,8 @@ per call, which is most of the quantization overhead on a CPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -35,8 +37,9 @@ def ternary_weight(w: torch.Tensor, eps: float = WEIGHT_EPS) -> tuple[torch.Tens
     same shape and dtype as `w`) and `scale = mean(|w|) + eps` (a 0-dim tensor), so that
     `wq * scale` is the dequantized weight.
     """
-    scale = w.abs().mean() + eps
-    wq = torch.clamp(torch.round(w / scale), -1, 1)
+    # One fused pass for mean|w| (vector_norm avoids materializing |w|).
+    scale = torch.linalg.vector_norm(w, ord=1) / max(w.numel(), 1) + eps
+    wq = (w * (1.0 / scale)).round_().clamp_(-1, 1)
     return wq, scale
 
 
@@ -57,15 +60,18 @@ def quantize_activations(x: torch.Tensor, bits: int = 8, scale_mode: str = "absm
     """
     q = _act_levels(bits)
     xf = x.float()
+    # vector_norm reduces |x| in one pass without materializing it.
     if scale_mode == "absmax":
-        m = xf.abs().amax(dim=-1, keepdim=True)
+        m = torch.linalg.vector_norm(xf, ord=math.inf, dim=-1, keepdim=True)
     elif scale_mode == "absmean":
-        m = 2.5 * xf.abs().mean(dim=-1, keepdim=True)
+        m = 2.5 * torch.linalg.vector_norm(xf, ord=1, dim=-1, keepdim=True) / xf.shape[-1]
     else:
         raise ValueError(f"unknown activation scale_mode {scale_mode!r} (use 'absmax' or 'absmean')")
     step = m.clamp_min(ACT_EPS) / q
-    out = (xf / step).round_().clamp_(-q - 1, q).mul_(step)
-    return out.to(x.dtype)
+    out = (xf * step.reciprocal()).round_()
+    if scale_mode != "absmax":  # |x| / (max|x| / Q) <= Q already: the clamp would be a no-op
+        out.clamp_(-q - 1, q)
+    return out.mul_(step).to(x.dtype)
 
 
 class _FakeQuantActivations(torch.autograd.Function):

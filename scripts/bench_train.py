@@ -2,7 +2,7 @@
 
 Both models (same shapes, same loss, same optimizer) run full training steps (forward, the
 KD + CE loss on Top-K traces, backward, AdamW) on the same random batch; measurements are
-interleaved (quantized, dense, quantized, ...) so drift on a shared machine hits both. The
+interleaved in alternating order (quantized, dense, dense, quantized, ...) so drift on a shared machine hits both. The
 matmul peak is measured in the same run and gives MFU = achieved FLOP/s / peak FLOP/s,
 with FLOPs per token counted on the meta device.
 
@@ -84,8 +84,9 @@ def main() -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         timed_steps(model, loss_fn, opt, batch, 1)  # warm-up (allocator, kernels)
         runs[name] = {"model": model, "opt": opt, "times": [], "cfg": cfg}
-    for _ in range(args.rounds):
-        for r in runs.values():
+    for i in range(args.rounds):
+        # Alternate the order (AB, BA, ...) so neither variant always runs on a warmer cache.
+        for r in (list(runs.values()) if i % 2 == 0 else list(runs.values())[::-1]):
             r["times"].append(timed_steps(r["model"], loss_fn, r["opt"], batch, args.steps))
 
     tokens = args.batch * args.seq

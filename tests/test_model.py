@@ -260,3 +260,20 @@ def test_overfits_single_batch():
     # latent weights received gradients through the STE and are still ternarized in the forward
     stats = m.blocks[0].attn.q_proj.ternary_stats()
     assert stats["neg"] + stats["zero"] + stats["pos"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bits, a4_scale", [(8, "absmax"), (4, "absmax"), (4, "absmean")])
+def test_layers_sharing_an_input_quantize_it_identically(bits, a4_scale):
+    """q/k/v and gate/up quantize their common input once; valid only if each would do the same."""
+    model = BitNetLM(BitNetConfig.from_name("tiny", vocab_size=32, a4_scale=a4_scale))
+    model.set_activation_bits(bits)
+    x = torch.randn(2, 5, 64)
+    for block in model.blocks:
+        a, f = block.attn, block.ffn
+        xq = a.q_proj.quantize_input(x)
+        for layer in (a.k_proj, a.v_proj):
+            assert torch.equal(layer.quantize_input(x), xq)
+            assert torch.equal(layer(x), layer(xq, input_quantized=True))
+        assert torch.equal(f.up_proj.quantize_input(x), f.gate_proj.quantize_input(x))
+    # quantization of a shared input is not a no-op (the test would be vacuous otherwise)
+    assert not torch.equal(xq, x)

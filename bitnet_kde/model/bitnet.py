@@ -139,11 +139,21 @@ class BitLinear(nn.Linear):
         self.a4_scale = a4_scale
         self.quant_lambda = 1.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized input this layer would use (identity when `quantize=False`).
+
+        Layers reading the same tensor (q/k/v, gate/up) quantize it once and pass
+        `input_quantized=True`: per-token quantization depends only on x and the bit width.
+        """
+        if not self.quantize:
+            return x
+        scale_mode = self.a4_scale if self.activation_bits == 4 else "absmax"
+        return fake_quant_activations(x, self.activation_bits, scale_mode, self.quant_lambda)
+
+    def forward(self, x: torch.Tensor, *, input_quantized: bool = False) -> torch.Tensor:
         if not self.quantize:
             return F.linear(x, self.weight)
-        scale_mode = self.a4_scale if self.activation_bits == 4 else "absmax"
-        xq = fake_quant_activations(x, self.activation_bits, scale_mode, self.quant_lambda)
+        xq = x if input_quantized else self.quantize_input(x)
         wq = fake_quant_weight(self.weight, self.quant_lambda)
         return F.linear(xq, wq.to(xq.dtype))
 
@@ -200,9 +210,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        x = self.q_proj.quantize_input(x)  # shared by q, k and v
+        q = self.q_proj(x, input_quantized=True).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x, input_quantized=True).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x, input_quantized=True).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
@@ -220,9 +231,10 @@ class FeedForward(nn.Module):
         self.act = cfg.ffn_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
+        x = self.gate_proj.quantize_input(x)  # shared by gate and up
+        gate = self.gate_proj(x, input_quantized=True)
         gate = F.relu(gate).square() if self.act == "relu2" else F.silu(gate)
-        return self.down_proj(self.sub_norm(gate * self.up_proj(x)))
+        return self.down_proj(self.sub_norm(gate * self.up_proj(x, input_quantized=True)))
 
 
 class Block(nn.Module):
