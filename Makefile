@@ -22,10 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_SPEC)
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,sweep]"
 	touch $@
 
-install: $(VENV)/.installed ## create .venv and install torch ($$TORCH_SPEC) + bitnet-kde with test extras
+install: $(VENV)/.installed ## create .venv and install torch ($$TORCH_SPEC) + bitnet-kde with test and sweep extras
 
 test: install ## run the test suite except slow tests (ARGS="-k loss" to filter)
 	$(PY) -m pytest -m "not slow" $(ARGS)

@@ -37,6 +37,10 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.validate_before_fit:
         trainer.validate(module, datamodule=datamodule)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if cfg.optimized_metric and cfg.optimized_metric not in trainer.callback_metrics:
+        # The run ended before its first validation (e.g. max_steps < val_check_interval):
+        # validate the final weights so a sweeper always gets a number.
+        trainer.validate(module, datamodule=datamodule, verbose=False)
 
     if trainer.is_global_zero:
         ckpt = trainer.checkpoint_callback

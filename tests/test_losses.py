@@ -467,3 +467,32 @@ def test_top1_agree():
     assert num(expected) >= 0.5 and num(expected) < 1.0
     assert num(out["top1_agree"]) == pytest.approx(num(expected), abs=1e-7)
     assert not out["top1_agree"].requires_grad
+
+
+def test_distillation_loss_under_bf16_autocast_is_finite_and_masked():
+    """Mixed precision (as on GPUs; here CPU autocast): bf16 logits, fp32 loss, exact zeros."""
+    from bitnet_kde.model import BitNetConfig, BitNetLM
+
+    torch.manual_seed(0)
+    model = BitNetLM(BitNetConfig.from_name("tiny", vocab_size=40))
+    b, t, k = 2, 7, 4
+    ids = torch.randint(0, 40, (b, t))
+    loss_mask = torch.zeros(b, t, dtype=torch.bool)
+    loss_mask[:, 2:6] = True
+    loss_mask[1, 4:] = False  # padding in row 1
+    lp = torch.log_softmax(torch.randn(b, t, k + 1), -1)
+    batch = {"input_ids": ids, "loss_mask": loss_mask, "kd_valid": torch.ones(b, t, dtype=torch.bool),
+             "format_mask": torch.zeros(b, t, dtype=torch.bool), "topk_ids": torch.randint(0, 40, (b, t, k)),
+             "topk_logprobs": torch.where(loss_mask.unsqueeze(-1), lp[..., :k], torch.nan),
+             "other_logprob": torch.where(loss_mask, lp[..., k], torch.inf)}
+    batch["topk_ids"][..., 1:] = batch["topk_ids"][..., :1] + torch.arange(1, k)  # distinct ids
+    batch["topk_ids"] %= 40
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+        assert logits.dtype == torch.bfloat16
+        logits.retain_grad()
+        out = DistillationLoss(LossConfig(chunk_size=3))(logits, batch)
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[~loss_mask] == 0).all() and (logits.grad[loss_mask] != 0).any()

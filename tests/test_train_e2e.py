@@ -109,3 +109,16 @@ def test_bad_trace_file_stops_training_with_a_clear_error(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode != 0
     assert "kd-0.parquet" in proc.stderr and "not a readable Parquet file" in proc.stderr
+
+
+@pytest.mark.slow
+def test_optuna_sweep_returns_the_optimized_metric(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    run_train(tmp_path, *SMOKE, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=4",
+              multirun=True)
+    results = list((tmp_path / "logs" / "train" / "multiruns").glob("*/optimization_results.yaml"))
+    assert len(results) == 1
+    import yaml
+
+    best = yaml.safe_load(results[0].read_text())
+    assert best["best_value"] > 0 and set(best["best_params"]) == {"optim.lr", "loss.kd_weight", "loss.ce_weight"}
