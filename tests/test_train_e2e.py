@@ -122,3 +122,28 @@ def test_optuna_sweep_returns_the_optimized_metric(tmp_path):
 
     best = yaml.safe_load(results[0].read_text())
     assert best["best_value"] > 0 and set(best["best_params"]) == {"optim.lr", "loss.kd_weight", "loss.ce_weight"}
+
+
+@pytest.mark.slow
+def test_ddp_through_train_py_counts_tokens_of_both_ranks(tmp_path):
+    """`trainer=ddp` on 2 CPU processes: Lightning relaunches train.py per rank with the same
+    Hydra overrides; the checkpoint's token count is the sum over both ranks for one epoch."""
+    from bitnet_kde.data import KDTraceDataModule
+    from bitnet_kde.kd.synthetic import BigramTeacher
+
+    n = 48
+    while True:  # an even number of train rows, so DistributedSampler adds no duplicates
+        d = tmp_path / "data" / f"synthetic-bigram-v512-n{n}"
+        BigramTeacher(vocab_size=512, k=20, num_sequences=n, seed=0).write(d)
+        dm = KDTraceDataModule(str(d), vocab_size=512, max_seq_len=256, num_workers=0)
+        dm.setup()
+        if len(dm.train_set) % 2 == 0:
+            break
+        n += 1
+    run_train(tmp_path, "experiment=smoke", f"data.source.num_sequences={n}", "trainer=ddp", "trainer.devices=2",
+              "trainer.accelerator=cpu", "trainer.max_steps=-1", "trainer.max_epochs=1",
+              "callbacks.activation_flip.flip_fraction=1.0")
+    ckpt = only_run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    state = flip_state(ckpt)
+    assert state["tokens_seen"] == dm.train_tokens_per_epoch()
+    assert state["flipped"]  # the budget is exactly one epoch of both ranks' tokens

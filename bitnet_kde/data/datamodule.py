@@ -1,0 +1,214 @@
+"""LightningDataModule over KD trace shards (Parquet schema v1).
+
+Rows are validated once on load (`read_traces`), split into train/val by a hash of their
+`id` (stable across runs, shard layouts and machines), and served as right-padded batches.
+Batch tensors, all [B, T] unless noted:
+
+- `input_ids`      student token ids (padding: 0)
+- `loss_mask`      position t predicts a completion token t+1 (never padding or prompt)
+- `kd_valid`       the teacher distribution at t applies (and t is not padding)
+- `format_mask`    t+1 is a JSON structural token (see `bitnet_kde.data.format_mask`)
+- `topk_ids`       [B, T, K] teacher candidates for t+1 (padded slots: id 0)
+- `topk_logprobs`  [B, T, K] their logprobs (padded slots: -inf)
+- `other_logprob`  teacher log-mass outside the candidates (padding: 0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from bitnet_kde.data.format_mask import token_format_mask
+from bitnet_kde.kd.traces import list_shards, read_traces
+
+log = logging.getLogger(__name__)
+
+
+def split_of(row_id: str, val_fraction: float) -> str:
+    """'val' or 'train' from a hash of the row id, so the split never depends on file order."""
+    h = int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "big") / 2**64
+    return "val" if h < val_fraction else "train"
+
+
+class TraceDataset(Dataset):
+    """Rows of a validated trace table, as numpy arrays truncated to `max_seq_len`.
+
+    `piece_table` (token id -> its text, from the student tokenizer) enables the format mask;
+    without it no position is a format position.
+    """
+
+    def __init__(self, table: pa.Table, max_seq_len: int, piece_table: Sequence[str] | None = None):
+        self.max_seq_len = max_seq_len
+        self.ids = table.column("id").to_pylist()
+        self.completion_start = table.column("completion_start").to_numpy()
+
+        def flat(name):
+            arr = table.column(name).combine_chunks()
+            off = arr.offsets.to_numpy()
+            return off - off[0], arr.flatten()
+
+        self.row_off, tok = flat("input_ids")
+        self.tokens = tok.to_numpy(zero_copy_only=False).astype(np.int64)
+        _, other = flat("other_logprob")
+        self.other = other.to_numpy(zero_copy_only=False).astype(np.float32)
+        _, valid = flat("kd_valid")
+        self.valid = valid.to_numpy(zero_copy_only=False).astype(bool)
+        _, cand_ids = flat("topk_ids")
+        self.cand_off = cand_ids.offsets.to_numpy() - cand_ids.offsets.to_numpy()[0]
+        self.cand_ids = cand_ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        _, cand_lp = flat("topk_logprobs")
+        self.cand_lp = cand_lp.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        self.k_max = int(np.diff(self.cand_off).max(initial=0))
+        lengths = np.diff(self.row_off)
+        self.truncated = int((lengths > max_seq_len).sum())
+        self.format_targets = None
+        if piece_table is not None:
+            # Per token of each completion: is it JSON structure? Computed once, not per epoch.
+            self.format_targets = np.zeros(self.tokens.size, dtype=bool)
+            for i in range(len(self.ids)):
+                a, b = self.row_off[i] + self.completion_start[i], self.row_off[i + 1]
+                self.format_targets[a:b] = token_format_mask([piece_table[t] for t in self.tokens[a:b]])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def loss_tokens(self, i: int) -> int:
+        """Loss-bearing positions of row i after truncation."""
+        n = min(self.row_off[i + 1] - self.row_off[i], self.max_seq_len)
+        return max(int(n - self.completion_start[i]), 0)
+
+    def __getitem__(self, i: int) -> dict:
+        a, b = self.row_off[i], self.row_off[i + 1]
+        b = min(b, a + self.max_seq_len)
+        n = b - a
+        k = max(self.k_max, 1)
+        ids = np.zeros((n, k), dtype=np.int64)
+        lps = np.full((n, k), -np.inf, dtype=np.float32)
+        starts, ends = self.cand_off[a:b], self.cand_off[a + 1:b + 1]
+        counts = ends - starts
+        if counts.sum():
+            pos = np.repeat(np.arange(n), counts)
+            slot = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            src = np.arange(starts[0], ends[-1])
+            ids[pos, slot] = self.cand_ids[src]
+            lps[pos, slot] = self.cand_lp[src]
+        loss_mask = np.zeros(n, dtype=bool)
+        loss_mask[self.completion_start[i] - 1:n - 1] = True  # t predicts t+1 inside the completion
+        format_mask = np.zeros(n, dtype=bool)
+        if self.format_targets is not None:
+            format_mask[:n - 1] = self.format_targets[a + 1:b]  # position t's target is token t+1
+            format_mask &= loss_mask
+        return {
+            "input_ids": self.tokens[a:b],
+            "loss_mask": loss_mask,
+            "kd_valid": self.valid[a:b] & loss_mask,
+            "format_mask": format_mask,
+            "topk_ids": ids,
+            "topk_logprobs": lps,
+            "other_logprob": self.other[a:b],
+        }
+
+
+def collate_traces(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-pad a list of `TraceDataset` items into a batch (see the module docstring)."""
+    t = max(len(r["input_ids"]) for r in rows)
+    k = max(r["topk_ids"].shape[1] for r in rows)
+    b = len(rows)
+    out = {
+        "input_ids": torch.zeros(b, t, dtype=torch.long),
+        "loss_mask": torch.zeros(b, t, dtype=torch.bool),
+        "kd_valid": torch.zeros(b, t, dtype=torch.bool),
+        "format_mask": torch.zeros(b, t, dtype=torch.bool),
+        "topk_ids": torch.zeros(b, t, k, dtype=torch.long),
+        "topk_logprobs": torch.full((b, t, k), -torch.inf),
+        "other_logprob": torch.zeros(b, t),
+    }
+    for i, r in enumerate(rows):
+        n, kk = r["topk_ids"].shape
+        for name in ("input_ids", "loss_mask", "kd_valid", "format_mask", "other_logprob"):
+            out[name][i, :n] = torch.from_numpy(r[name])
+        out["topk_ids"][i, :n, :kk] = torch.from_numpy(r["topk_ids"])
+        out["topk_logprobs"][i, :n, :kk] = torch.from_numpy(r["topk_logprobs"])
+    return out
+
+
+class KDTraceDataModule(pl.LightningDataModule):
+    """Trains on the trace shards in `trace_dir`; `source.write(trace_dir)` creates them if absent.
+
+    Args:
+        trace_dir: folder of `*.parquet` shards (+ `manifest.json`).
+        vocab_size: student vocabulary size; every id is checked against it.
+        source: object with `is_complete(dir)` and `write(dir)` that produces the traces
+            (a teacher collector, or the synthetic `BigramTeacher`); None = traces must exist.
+        max_seq_len: longer rows are truncated (a warning says how many).
+        k_max: largest number of candidates per position accepted on read.
+        val_fraction: share of rows (by id hash) held out for validation.
+        piece_table: text of each student token id, enabling the format mask (JSON structure).
+    """
+
+    def __init__(self, trace_dir: str, vocab_size: int, source=None, max_seq_len: int = 512, k_max: int = 128,
+                 batch_size: int = 16, val_batch_size: int | None = None, val_fraction: float = 0.1,
+                 num_workers: int = 2, pin_memory: bool = False, piece_table: Sequence[str] | None = None):
+        super().__init__()
+        self.trace_dir = str(trace_dir)
+        self.vocab_size, self.source = vocab_size, source
+        self.max_seq_len, self.k_max = max_seq_len, k_max
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.val_fraction, self.num_workers, self.pin_memory = val_fraction, num_workers, pin_memory
+        self.piece_table = piece_table
+        self.train_set: TraceDataset | None = None
+        self.val_set: TraceDataset | None = None
+
+    def prepare_data(self) -> None:
+        if self.source is not None:
+            if self.source.is_complete(self.trace_dir):
+                log.info("reusing traces in %s", self.trace_dir)
+            else:
+                log.info("traces not found in %s: writing them with %s", self.trace_dir, type(self.source).__name__)
+                self.source.write(self.trace_dir)
+        elif not (Path(self.trace_dir).is_dir() and list_shards(self.trace_dir)):
+            raise FileNotFoundError(
+                f"no trace shards (*.parquet) in {self.trace_dir}: run collection first "
+                "or choose a data config with a source (e.g. data=synthetic)"
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        table = read_traces(self.trace_dir, vocab_size=self.vocab_size, k_max=self.k_max)
+        split = np.array([split_of(i, self.val_fraction) for i in table.column("id").to_pylist()])
+        self.train_set = TraceDataset(table.filter(pa.array(split == "train")), self.max_seq_len, self.piece_table)
+        self.val_set = TraceDataset(table.filter(pa.array(split == "val")), self.max_seq_len, self.piece_table)
+        if not len(self.train_set) or not len(self.val_set):
+            raise ValueError(
+                f"{self.trace_dir}: {table.num_rows} rows give {len(self.train_set)} train / "
+                f"{len(self.val_set)} val rows with val_fraction={self.val_fraction}; both need at least one"
+            )
+        truncated = self.train_set.truncated + self.val_set.truncated
+        if truncated:
+            log.warning("%d of %d rows are longer than max_seq_len=%d and were truncated",
+                        truncated, table.num_rows, self.max_seq_len)
+
+    def train_tokens_per_epoch(self) -> int:
+        """Loss-bearing tokens in one pass over the training split (for the flip budget)."""
+        assert self.train_set is not None, "call setup() first"
+        return sum(self.train_set.loss_tokens(i) for i in range(len(self.train_set)))
+
+    def _loader(self, ds, batch_size, shuffle):
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_traces,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, self.batch_size, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, self.val_batch_size, False)
