@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e ".[dev,sweep]"
 	touch $@
 
-install: $(VENV)/.installed ## create .venv and install torch ($$TORCH_SPEC) + bitnet-kde with test and sweep extras
+install: $(VENV)/.installed ## create .venv; install torch (TORCH_SPEC) and bitnet-kde with test and sweep extras
 
 test: install ## run the test suite except slow tests (ARGS="-k loss" to filter)
 	$(PY) -m pytest -m "not slow" $(ARGS)
@@ -39,10 +39,23 @@ test-all: install ## run every test
 train: install ensure_dirs ## train the student (ARGS="model=tiny trainer.max_steps=50" for Hydra overrides)
 	$(PY) train.py $(ARGS)
 
-teacher collect eval dryrun: ## pipeline stages that arrive in later releases (exit 1 with a message)
+define not_yet
 	@echo "make $@: this stage is not available yet in this version of bitnet-kde." >&2
 	@echo "Available now: make train (synthetic traces or data=parquet), make test, make bench." >&2
 	@exit 1
+endef
+
+teacher: ## [not yet available] teacher baseline answers -> reports/teacher_baseline.json
+	$(not_yet)
+
+collect: ## [not yet available] collect Top-K + Other traces from a teacher -> data/
+	$(not_yet)
+
+eval: ## [not yet available] student vs teacher quality, speed, memory, QEI -> reports/evaluation.json
+	$(not_yet)
+
+dryrun: ## [not yet available] 7B student forward pass and memory plan -> reports/dryrun_7b.json
+	$(not_yet)
 
 bench: install ## benchmark training throughput: quantized vs dense student (see docs/BENCHMARKS.md)
 	$(PY) scripts/bench_train.py $(ARGS)
