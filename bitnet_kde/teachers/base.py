@@ -1,0 +1,122 @@
+"""The teacher interface: every provider returns the same per-sequence record.
+
+A teacher turns prompts into completions plus, per completion token, its top-K next-token
+candidates with log-probabilities (natural log, temperature 1 unless recorded otherwise).
+Local teachers can also teacher-force given completions (`score`). API teachers whose
+service returns no log-probabilities (`supports_logprobs = False`) serve the baseline stage
+only; collecting traces from them fails fast with `LogprobsUnsupported`.
+
+A prompt that fails (after the provider's retries) is returned as a `TeacherFailure` in its
+slot, never dropped, so collection can count it by reason.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass
+class TeacherSequence:
+    """One teacher completion and its per-token candidate distributions.
+
+    Position j describes completion token j: `tokens[j]` is its exact text (the texts join to
+    `text`), and `topk_tokens[j]` / `topk_logprobs[j]` are the teacher's candidates for that
+    position given the prompt and tokens < j. `token_ids` / `topk_ids` are teacher-vocabulary
+    ids where the teacher exposes them (local models), else None.
+    """
+
+    prompt: str
+    text: str
+    tokens: list[str]
+    topk_tokens: list[list[str]]
+    topk_logprobs: list[list[float]]
+    token_ids: list[int] | None = None
+    topk_ids: list[list[int]] | None = None
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    latency_s: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class TeacherFailure:
+    """A prompt the teacher could not answer; `reason` is a short machine-readable key."""
+
+    prompt: str
+    reason: str
+    message: str
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding settings; they are part of a trace set's content address."""
+
+    max_new_tokens: int = 128
+    """Longest completion, in teacher tokens."""
+    temperature: float = 0.0
+    """0 = greedy (deterministic); > 0 samples at that temperature (logprobs stay at T=1)."""
+    top_k: int = 20
+    """Candidates recorded per position (API teachers: at most 20)."""
+    seed: int = 0
+    """Sampling seed (ignored when greedy)."""
+
+    def as_dict(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_k": self.top_k,
+                "seed": self.seed}
+
+
+class TeacherError(RuntimeError):
+    """A teacher-wide problem (bad key, unknown model, ...) that stops the run with a clear message."""
+
+
+class LogprobsUnsupported(TeacherError):
+    """The provider returns no log-probabilities, so it cannot produce KD traces."""
+
+
+@dataclass
+class TeacherLimits:
+    """What a provider allows."""
+
+    max_top_k: int = 20
+    max_concurrency: int = 1
+    supports_score: bool = False
+
+
+class Teacher(ABC):
+    """Common interface of local and API teachers."""
+
+    provider: str = "unknown"
+    model: str = "unknown"
+    supports_logprobs: bool = True
+    logprob_mode: str = "exact"
+    """How logprobs are obtained: `exact` (full logits), `api_top_logprobs`, ... (recorded in traces)."""
+    limits: TeacherLimits = TeacherLimits()
+    """Provider limits (a shared default; implementations assign their own)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+    @abstractmethod
+    def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[TeacherSequence | TeacherFailure]:
+        """Chat-format each prompt, generate a completion, record per-token top-K (same order as prompts)."""
+
+    def score(self, prompts: list[str], completions: list[str], top_k: int) -> list[TeacherSequence | TeacherFailure]:
+        """Teacher-force given completions and record per-token top-K (local teachers only)."""
+        raise TeacherError(f"{self.name}: scoring given texts needs full logits; use a local teacher")
+
+    def check_kd(self) -> None:
+        """Raise `LogprobsUnsupported` if this teacher cannot produce KD traces."""
+        if not self.supports_logprobs:
+            raise LogprobsUnsupported(
+                f"{self.name}: this provider's API returns no token log-probabilities, so it cannot "
+                "produce KD traces. Use it for the teacher baseline only; collect with a local teacher "
+                "(teacher=local_smollm2, local_hf) or an OpenAI-compatible server that returns logprobs."
+            )
+
+    def close(self) -> None:
+        """Release clients / memory (optional)."""
