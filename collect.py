@@ -14,6 +14,8 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from bitnet_kde.env import load_dotenv_file
+
 log = logging.getLogger("collect")
 
 
@@ -32,4 +34,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    load_dotenv_file()
     main()

@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from bitnet_kde.env import load_dotenv_file
 from bitnet_kde.kd.prompts import load_prompts
 from bitnet_kde.teachers import SamplingConfig, TeacherFailure, build_teacher
 
@@ -75,4 +76,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    load_dotenv_file()
     main()

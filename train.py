@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from bitnet_kde.env import load_dotenv_file
 from bitnet_kde.training import DistillationModule
 
 log = logging.getLogger("train")
@@ -56,4 +57,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    load_dotenv_file()
     main()

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
+
+
+def load_dotenv_file(path: str | Path = ".env") -> bool:
+    """Load `KEY=value` lines from `.env` into the environment (existing variables win).
+
+    Keys are read from the environment at use time; nothing here copies them into configs.
+    """
+    from dotenv import load_dotenv
+
+    return load_dotenv(path, override=False)
 
 
 def report() -> list[str]:

@@ -36,9 +36,13 @@ class TeacherSequence:
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     latency_s: float = 0.0
+    usage_completion_tokens: int | None = None
+    """Completion tokens as the provider bills them (for providers that return no per-token data)."""
 
     @property
     def completion_tokens(self) -> int:
+        if not self.tokens and self.usage_completion_tokens is not None:
+            return self.usage_completion_tokens
         return len(self.tokens)
 
 
