@@ -104,12 +104,72 @@ def bench_api(prompts: int = 48, latency_s: float = 0.2, concurrency: tuple[int,
             "rows": rows}
 
 
-def bench_local(**kwargs) -> dict:
-    # ------------------------------------------------------------------------------------------
-    # PLACEHOLDER: local-teacher collection throughput (scoring / generation tokens/s of the
-    # in-process teachers). Not written yet.
-    # ------------------------------------------------------------------------------------------
-    raise NotImplementedError("bench_local() is a placeholder: the local-teacher benchmark is not written yet")
+def bench_local(prompts: int = 32, max_new_tokens: int = 64, top_k: int = 20, batch_size: int = 16,
+                rounds: int = 2) -> dict:
+    """Local teacher: full trace path vs the same model's plain greedy `generate`, same batches.
+
+    raw   = `lm.generate` (KV cache, greedy), nothing recorded;
+    trace = `LocalHFTeacher.generate` (per-step logits -> log-softmax -> top-K) + identity
+            projection + an atomic Parquet shard write, i.e. everything collection does.
+    Both produce the same greedy tokens; rounds alternate the order and the best round counts.
+    """
+    import tempfile
+
+    import torch
+
+    from bitnet_kde.kd.projection import project_identity
+    from bitnet_kde.kd.prompts import load_prompts
+    from bitnet_kde.kd.traces import trace_metadata, write_trace_shard
+    from bitnet_kde.teachers import SamplingConfig
+    from bitnet_kde.teachers.local import LocalHFTeacher
+
+    teacher = LocalHFTeacher.smollm2(batch_size=batch_size)
+    texts = [p.prompt for p in load_prompts(split="train", limit=prompts)]
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, top_k=top_k)
+    tok = teacher.tokenizer
+
+    def raw() -> int:
+        n = 0
+        for i in range(0, len(texts), batch_size):
+            chats = [teacher.chat_ids(t) for t in texts[i:i + batch_size]]
+            ids, mask = teacher._left_pad(chats)
+            with torch.inference_mode():
+                out = teacher.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                          do_sample=False, pad_token_id=tok.pad_token_id)
+            for row in out[:, ids.shape[1]:].tolist():
+                n += next((j + 1 for j, t in enumerate(row) if t in teacher.eos_ids), len(row))
+        return n
+
+    def trace(folder: str) -> int:
+        seqs = teacher.generate(texts, sampling)
+        rows = []
+        for k, (text, seq) in enumerate(zip(texts, seqs)):
+            r = project_identity(teacher.chat_ids(text), seq)
+            rows.append({"id": str(k), "prompt": text, "category": "bench", "teacher_text": seq.text, **r.__dict__})
+        meta = trace_metadata(teacher_provider=teacher.provider, teacher_model=teacher.model, k=top_k, sampling={},
+                              logprob_mode="exact", tokenizer_name="smollm2", tokenizer_hash="-", vocab_size=len(tok))
+        write_trace_shard(rows, Path(folder) / "bench.parquet", meta)
+        return sum(s.completion_tokens for s in seqs)
+
+    best = {"raw": 0.0, "trace": 0.0}
+    tokens = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(rounds):
+            for name in (("raw", "trace") if i % 2 == 0 else ("trace", "raw")):
+                t = time.perf_counter()
+                n = raw() if name == "raw" else trace(folder)
+                best[name] = max(best[name], n / (time.perf_counter() - t))
+                tokens[name] = n
+    return {"prompts": len(texts), "max_new_tokens": max_new_tokens, "top_k": top_k, "batch_size": batch_size,
+            "tokens": tokens, "raw_tokens_per_s": best["raw"], "trace_tokens_per_s": best["trace"],
+            "ratio_trace_over_raw": best["trace"] / best["raw"], "threads": torch.get_num_threads()}
+
+
+def print_local(result: dict) -> None:
+    print(f"local teacher (SmolLM2-135M, {result['threads']} threads): {result['prompts']} prompts, batch "
+          f"{result['batch_size']}, <= {result['max_new_tokens']} new tokens, top-{result['top_k']}")
+    print(f"raw generate: {result['raw_tokens_per_s']:.1f} tok/s; trace path: {result['trace_tokens_per_s']:.1f} "
+          f"tok/s; ratio {result['ratio_trace_over_raw']:.3f} (target >= 0.90)")
 
 
 def print_api(result: dict) -> None:
@@ -143,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print_api(results["api"])
     if args.part in ("local", "all"):
         results["local"] = bench_local()
+        print_local(results["local"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

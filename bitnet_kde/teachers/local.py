@@ -83,7 +83,7 @@ class LocalHFTeacher(Teacher):
     logprob_mode = "exact"
 
     def __init__(self, model: str, gguf_file: str | None = None, provider: str = "local_hf", device: str = "auto",
-                 dtype: str = "float32", batch_size: int = 8, system_prompt: str | None = None):
+                 dtype: str = "float32", batch_size: int = 64, system_prompt: str | None = None):
         from transformers import AutoModelForCausalLM
 
         self.provider, self.model = provider, gguf_file or model
@@ -99,6 +99,7 @@ class LocalHFTeacher(Teacher):
         except (OSError, ValueError) as e:
             raise TeacherError(f"{provider}: cannot load model {model!r} (gguf_file={gguf_file!r}): {e}") from e
         self.load_seconds = time.perf_counter() - t
+        self._pieces: dict[int, str] = {}
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -133,10 +134,9 @@ class LocalHFTeacher(Teacher):
         mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs], device=self.device)
         return ids, mask
 
-    def _sequence(self, prompt: str, n_prompt: int, ids: list[int], logprobs: torch.Tensor, k: int,
+    def _sequence(self, prompt: str, n_prompt: int, ids: list[int], top_lp: torch.Tensor, top_ids: torch.Tensor,
                   latency: float, finish: str) -> TeacherSequence:
-        """Build the record for one completion; `logprobs` is [len(ids), V] (log-softmax at T=1)."""
-        top_lp, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        """The record for one completion from its per-position top-K ([len(ids), K], log-probs at T=1)."""
         top_ids_l = top_ids.tolist()
         return TeacherSequence(
             prompt=prompt,
@@ -152,7 +152,12 @@ class LocalHFTeacher(Teacher):
         )
 
     def _piece(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        """Text of one token id, decoded once and cached (collection asks for ~K per position)."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self.tokenizer.decode(
+                [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return piece
 
     # -- the interface ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -172,8 +177,11 @@ class LocalHFTeacher(Teacher):
                                    output_logits=True, return_dict_in_generate=True,
                                    pad_token_id=self.tokenizer.pad_token_id, **kwargs)
             latency = (time.perf_counter() - t) / len(batch)
-            steps = torch.stack(out.logits, dim=1).float()           # [B, steps, V] raw logits
-            logprobs = torch.log_softmax(steps, dim=-1)
+            # Top-K step by step: never materializes a [B, steps, V] log-softmax.
+            k = min(sampling.top_k, out.logits[0].shape[-1])
+            tops = [torch.log_softmax(step.float(), dim=-1).topk(k, dim=-1) for step in out.logits]
+            top_lp = torch.stack([lp for lp, _ in tops], dim=1)       # [B, steps, K]
+            top_ids = torch.stack([ix for _, ix in tops], dim=1)
             new = out.sequences[:, ids.shape[1]:].tolist()
             for b, prompt in enumerate(batch):
                 toks, finish = [], "length"
@@ -182,8 +190,9 @@ class LocalHFTeacher(Teacher):
                     if tok in self.eos_ids:
                         finish = "stop"
                         break
-                results.append(self._sequence(prompt, len(chats[b]), toks, logprobs[b, :len(toks)],
-                                              sampling.top_k, latency, finish))
+                n = len(toks)
+                results.append(self._sequence(prompt, len(chats[b]), toks, top_lp[b, :n], top_ids[b, :n],
+                                              latency, finish))
         return results
 
     @torch.inference_mode()
@@ -206,7 +215,8 @@ class LocalHFTeacher(Teacher):
             for b, (chat, comp) in enumerate(zip(chats, comps)):
                 # logits at position p predict token p + 1: completion token j is predicted at len(chat)-1+j
                 lp = torch.log_softmax(logits[b, len(chat) - 1:len(chat) - 1 + len(comp)], dim=-1)
-                results.append(self._sequence(prompts[start + b], len(chat), comp, lp, top_k, latency, "scored"))
+                top_lp, top_ids = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+                results.append(self._sequence(prompts[start + b], len(chat), comp, top_lp, top_ids, latency, "scored"))
         return results
 
     def close(self) -> None:
