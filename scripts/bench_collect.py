@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--in-process-server", action="store_true",
                     help="run the fake server in this process (shares the GIL with the client)")
+    ap.add_argument("--local-prompts", type=int, default=32, help="local part: prompts of the train split")
+    ap.add_argument("--batch-size", type=int, default=16, help="local part: prompts per generate call")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="local part: completion length cap")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                                    in_process_server=args.in_process_server)
         print_api(results["api"])
     if args.part in ("local", "all"):
-        results["local"] = bench_local()
+        results["local"] = bench_local(prompts=args.local_prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                       top_k=args.top_k)
         print_local(results["local"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

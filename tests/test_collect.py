@@ -135,3 +135,21 @@ def test_kill_9_mid_collection_then_rerun_equals_uninterrupted_run(tmp_path):
     assert len(ids_a) == len(set(ids_a)) == 16
     assert ta.to_pylist() == tb.to_pylist()
     assert not list((a / "data").glob(".*tmp"))
+
+
+def test_two_jobs_write_disjoint_shards_and_the_last_writes_the_manifest(teacher, tmp_path):
+    rows = [{"id": f"p{i}", "prompt": f"Say the number {i}.", "category": "qa", "split": "train"} for i in range(5)]
+    common = dict(prompts={"source": rows}, chunk_size=2, progress=False, sampling={"max_new_tokens": 4, "top_k": 3})
+    job0 = TraceCollector(teacher, shard_index=0, num_shards=2, **common)
+    job1 = TraceCollector(teacher, shard_index=1, num_shards=2, **common)
+    assert job0.trace_set_id == job1.trace_set_id  # same content, whichever job computes it
+    job0.write(tmp_path)
+    written = sorted(p.name for p in tmp_path.glob("kd-*.parquet"))
+    assert written == [job0.shard_path(tmp_path, c).name for c in (0, 2)]
+    assert not (tmp_path / "manifest.json").exists()  # job 1's chunk is still missing
+    job1.write(tmp_path)
+    assert job0.is_complete(tmp_path) and job1.is_complete(tmp_path)
+    ids = read_traces(tmp_path).column("prompt").to_pylist()
+    assert sorted(ids) == sorted(r["prompt"] for r in rows)
+    with pytest.raises(ValueError, match="shard_index"):
+        TraceCollector(teacher, shard_index=2, num_shards=2, **common)
