@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from bitnet_kde.env import load_dotenv_file
+from bitnet_kde.env import load_dotenv_file, teacher_from_env
 
 log = logging.getLogger("collect")
 
@@ -35,4 +36,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     load_dotenv_file()
+    sys.argv = teacher_from_env(sys.argv, "TEACHER_PROVIDER")
     main()

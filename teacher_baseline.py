@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import platform
 import time
 from collections import Counter
@@ -18,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bitnet_kde.env import load_dotenv_file
+from bitnet_kde.env import load_dotenv_file, teacher_from_env
 from bitnet_kde.kd.prompts import load_prompts
 from bitnet_kde.teachers import SamplingConfig, TeacherFailure, build_teacher
 
@@ -77,4 +78,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     load_dotenv_file()
+    sys.argv = teacher_from_env(sys.argv, "PROVIDER")
     main()

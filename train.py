@@ -8,13 +8,14 @@ module, callbacks, loggers and trainer from it, and the return value (the metric
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bitnet_kde.env import load_dotenv_file
+from bitnet_kde.env import load_dotenv_file, teacher_from_env
 from bitnet_kde.training import DistillationModule
 
 log = logging.getLogger("train")
@@ -58,4 +59,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     load_dotenv_file()
+    sys.argv = teacher_from_env(sys.argv, "TEACHER_PROVIDER")
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -16,6 +17,18 @@ def load_dotenv_file(path: str | Path = ".env") -> bool:
     from dotenv import load_dotenv
 
     return load_dotenv(path, override=False)
+
+
+def teacher_from_env(argv: list[str], variable: str) -> list[str]:
+    """Add `teacher=<$variable>` to Hydra's arguments unless the command line already picks one.
+
+    `TEACHER_PROVIDER` chooses the KD teacher (collect, train) and `PROVIDER` the chat provider
+    (teacher baseline), so both can live in `.env`; a `teacher=...` argument always wins.
+    """
+    value = os.environ.get(variable, "").strip()
+    if not value or any(a.split("=", 1)[0].lstrip("+~") == "teacher" for a in argv[1:]):
+        return argv
+    return [*argv, f"teacher={value}"]
 
 
 def report() -> list[str]:
