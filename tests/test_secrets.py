@@ -3,6 +3,7 @@ HTTP server on 127.0.0.1 with a fake key, then search every file the runs wrote 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,10 @@ def test_fake_key_never_reaches_any_artefact(tmp_path):
         outputs.append(run("teacher_baseline.py", tmp_path, env, *teacher, "prompts.limit=3"))
         assert server.requests and all(r["auth"] == f"Bearer {secret}" for r in server.requests), \
             "the runs must really have used the key"
+    report = json.loads((tmp_path / "reports" / "teacher_baseline.json").read_text())
+    assert report["summary"]["answered"] == 3 and report["summary"]["failed"] == 0
+    assert report["summary"]["completion_tokens"] > 0 and report["summary"]["tokens_per_second"] > 0
+    assert all(a["answer"] and a["latency_s"] > 0 for a in report["answers"])
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     kinds = {p.suffix for p in files}
     assert {".parquet", ".json", ".yaml", ".ckpt", ".log"} <= kinds, kinds  # traces, manifest, configs, ckpts

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bitnet_kde.kd.projection import ProjectedRow, project_identity, project_strings
 from bitnet_kde.kd.prompts import Prompt, load_prompts, prompt_set_hash
-from bitnet_kde.kd.traces import trace_metadata, write_manifest, write_trace_shard
+from bitnet_kde.kd.traces import manifest_complete, trace_metadata, write_manifest, write_trace_shard
 from bitnet_kde.teachers.base import SamplingConfig, Teacher, TeacherFailure, TeacherSequence
 
 log = logging.getLogger(__name__)
@@ -133,12 +133,8 @@ class TraceCollector:
         return Path(trace_dir) / f"kd-{self.trace_set_id}-{chunk:05d}.parquet"
 
     def is_complete(self, trace_dir: str | Path) -> bool:
-        manifest = Path(trace_dir) / "manifest.json"
-        if not manifest.exists():
-            return False
-        info = json.loads(manifest.read_text())
-        return info.get("trace_set") == self.trace_set_id and all(
-            self.shard_path(trace_dir, c).exists() for c in range(len(self.chunks())))
+        return manifest_complete(trace_dir, self.trace_set_id,
+                                 [self.shard_path(trace_dir, c) for c in range(len(self.chunks()))])
 
     # -- collection -------------------------------------------------------------------------
     def write(self, trace_dir: str | Path) -> list[Path]:

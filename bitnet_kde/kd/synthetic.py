@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bitnet_kde.kd.traces import trace_metadata, write_manifest, write_trace_shard
+from bitnet_kde.kd.traces import manifest_complete, trace_metadata, write_manifest, write_trace_shard
 
 CATEGORIES = ("qa", "explain", "json", "list", "code", "math", "rewrite")
 OTHER_FLOOR = -30.0
@@ -50,12 +50,7 @@ class BigramTeacher:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def is_complete(self, trace_dir: str | Path) -> bool:
-        manifest = Path(trace_dir) / "manifest.json"
-        if not manifest.exists():
-            return False
-        info = json.loads(manifest.read_text())
-        return info.get("trace_set") == self.trace_set_id and all(
-            (Path(trace_dir) / s["file"]).exists() for s in info.get("shards", []))
+        return manifest_complete(trace_dir, self.trace_set_id)
 
     def log_probs(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)

@@ -27,6 +27,7 @@ __all__ = [
     "validate_traces",
     "list_shards",
     "write_manifest",
+    "manifest_complete",
 ]
 
 SCHEMA_VERSION = "1"
@@ -310,3 +311,19 @@ def write_manifest(trace_dir: str | os.PathLike, shards: list[Path], info: dict)
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path
+
+
+def manifest_complete(trace_dir: str | os.PathLike, trace_set_id: str, shards: list[Path] | None = None) -> bool:
+    """True when `trace_dir/manifest.json` describes `trace_set_id` and its shards all exist.
+
+    `shards` (the files the caller expects) defaults to those the manifest lists.
+    """
+    manifest = Path(trace_dir) / "manifest.json"
+    if not manifest.exists():
+        return False
+    info = json.loads(manifest.read_text())
+    if info.get("trace_set") != trace_set_id:
+        return False
+    if shards is None:
+        shards = [Path(trace_dir) / s["file"] for s in info.get("shards", [])]
+    return all(Path(s).exists() for s in shards)
