@@ -21,7 +21,8 @@ class TeacherSequence:
     """One teacher completion and its per-token candidate distributions.
 
     Position j describes completion token j: `tokens[j]` is its exact text (the texts join to
-    `text`), and `topk_tokens[j]` / `topk_logprobs[j]` are the teacher's candidates for that
+    `text`, except that a local teacher's final end-of-turn token is in `tokens` / `token_ids`
+    but not in `text`; byte-level tokens that are half a character decode to U+FFFD), and `topk_tokens[j]` / `topk_logprobs[j]` are the teacher's candidates for that
     position given the prompt and tokens < j. `token_ids` / `topk_ids` are teacher-vocabulary
     ids where the teacher exposes them (local models), else None.
     """

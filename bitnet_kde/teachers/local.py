@@ -172,6 +172,8 @@ class LocalHFTeacher(Teacher):
             kwargs = dict(do_sample=True, temperature=sampling.temperature, top_k=0, top_p=1.0) \
                 if sampling.temperature > 0 else dict(do_sample=False)
             if gen is not None:
+                # transformers samples from the global RNG: seed it per batch from our own generator
+                # so a collection is reproducible whatever ran before it.
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             out = self.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
                                    output_logits=True, return_dict_in_generate=True,
