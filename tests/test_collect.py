@@ -180,3 +180,22 @@ def test_collection_onto_a_different_student_tokenizer_uses_the_strings_path(tea
         targets = range(cs - 1, cs - 1 + len(body))
         valid_fraction.append(sum(row["kd_valid"][t] for t in targets) / len(body))
     assert min(valid_fraction) > 0.6, valid_fraction
+
+
+def test_datamodule_over_collected_traces_builds_the_format_mask(teacher, tmp_path):
+    from bitnet_kde.data import KDTraceDataModule
+    from bitnet_kde.data.format_mask import token_format_mask
+
+    rows = [{"id": f"p{i}", "prompt": p, "category": "json", "split": "train"} for i, p in enumerate(PROMPTS * 2)]
+    col = TraceCollector(teacher, prompts={"source": rows}, chunk_size=6, progress=False,
+                         sampling={"max_new_tokens": 12, "top_k": 4})
+    col.write(tmp_path)
+    dm = KDTraceDataModule(str(tmp_path), vocab_size=49152, source=col, num_workers=0, val_fraction=0.3)
+    dm.setup()
+    pieces = dm.piece_table
+    assert len(pieces) == 49152 and pieces[teacher.tokenizer.convert_tokens_to_ids("{")] == "{"
+    ds = dm.train_set
+    for i in range(len(ds)):
+        a, b = ds.row_off[i] + ds.completion_start[i], ds.row_off[i + 1]
+        expected = token_format_mask([pieces[t] for t in ds.tokens[a:b]])
+        assert ds.format_targets[a:b].tolist() == expected.tolist()

@@ -151,7 +151,8 @@ class KDTraceDataModule(pl.LightningDataModule):
         max_seq_len: longer rows are truncated (a warning says how many).
         k_max: largest number of candidates per position accepted on read.
         val_fraction: share of rows (by id hash) held out for validation.
-        piece_table: text of each student token id, enabling the format mask (JSON structure).
+        piece_table: text of each student token id, enabling the format mask (JSON structure);
+            taken from `source.piece_table()` when the source has one (teacher collection does).
     """
 
     def __init__(self, trace_dir: str, vocab_size: int, source=None, max_seq_len: int = 512, k_max: int = 128,
@@ -184,6 +185,8 @@ class KDTraceDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         table = read_traces(self.trace_dir, vocab_size=self.vocab_size, k_max=self.k_max)
+        if self.piece_table is None and hasattr(self.source, "piece_table"):
+            self.piece_table = self.source.piece_table()  # the student tokenizer's token texts
         split = np.array([split_of(i, self.val_fraction) for i in table.column("id").to_pylist()])
         self.train_set = TraceDataset(table.filter(pa.array(split == "train")), self.max_seq_len, self.piece_table)
         self.val_set = TraceDataset(table.filter(pa.array(split == "val")), self.max_seq_len, self.piece_table)

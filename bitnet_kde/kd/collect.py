@@ -96,6 +96,12 @@ class TraceCollector:
             self._tokenizer = load_student_tokenizer(self._tokenizer_spec)
         return self._tokenizer
 
+    def piece_table(self) -> list[str]:
+        """Text of every student token id (the DataModule derives the format mask from it)."""
+        tok = self.tokenizer
+        return [tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                for i in range(len(tok))]
+
     @property
     def prompts(self) -> list[Prompt]:
         if self._prompts is None:
