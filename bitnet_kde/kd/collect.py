@@ -117,9 +117,13 @@ class TraceCollector:
         return {k: v for k, v in sorted(cfg.items()) if k not in RUNTIME_KEYS}
 
     @functools.cached_property
+    def tokenizer_hash(self) -> str:
+        return tokenizer_hash(self.tokenizer)
+
+    @functools.cached_property
     def trace_set_id(self) -> str:
         blob = json.dumps({"teacher": self.teacher_identity(), "prompts": prompt_set_hash(self.prompts),
-                           "tokenizer": tokenizer_hash(self.tokenizer), "sampling": self.sampling.as_dict(),
+                           "tokenizer": self.tokenizer_hash, "sampling": self.sampling.as_dict(),
                            "chunk_size": self.chunk_size}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -175,7 +179,7 @@ class TraceCollector:
         meta = trace_metadata(
             teacher_provider=teacher.provider, teacher_model=teacher.model, k=self.sampling.top_k,
             sampling=self.sampling.as_dict(), logprob_mode=teacher.logprob_mode,
-            tokenizer_name=str(self._tokenizer_spec), tokenizer_hash=tokenizer_hash(self.tokenizer),
+            tokenizer_name=str(self._tokenizer_spec), tokenizer_hash=self.tokenizer_hash,
             vocab_size=len(self.tokenizer), extra={"projection": "identity" if identity else "strings"},
         )
         total = sum(len(c) for _, c in work)

@@ -104,14 +104,9 @@ class AnthropicTeacher(APITeacherBase):
 
         import anthropic
 
-        if isinstance(exc, anthropic.APITimeoutError):
-            return TeacherFailure(prompt, "timeout", f"{self.name} at {self._where}: no response within "
-                                                     f"{self.timeout_s:g}s after {self.max_retries} retries")
-        if isinstance(exc, anthropic.APIConnectionError):
-            cause = exc.__cause__ or exc.__context__
-            return TeacherFailure(prompt, "connection_error",
-                                  f"{self.name} at {self._where}: connection failed after {self.max_retries} "
-                                  f"retries ({type(cause).__name__ if cause else 'unknown'}: {cause or exc})")
+        failure = self._transport_failure(exc, prompt, anthropic.APITimeoutError, anthropic.APIConnectionError)
+        if failure is not None:
+            return failure
         if isinstance(exc, anthropic.APIStatusError):
             body = getattr(exc, "body", None)
             detail, code = None, None

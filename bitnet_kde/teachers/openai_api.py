@@ -285,6 +285,20 @@ class APITeacherBase(Teacher):
         raise NotImplementedError
 
     # -- shared classification ----------------------------------------------------------------
+    def _transport_failure(self, exc: BaseException, prompt: str, timeout_type: type,
+                           connection_type: type) -> TeacherFailure | None:
+        """The failure for an SDK timeout / connection error (checked in that order: in both SDKs the
+        timeout class subclasses the connection class), or None for any other exception."""
+        if isinstance(exc, timeout_type):
+            return TeacherFailure(prompt, "timeout", f"{self.name} at {self._where}: no response within "
+                                                     f"{self.timeout_s:g}s after {self.max_retries} retries")
+        if isinstance(exc, connection_type):
+            cause = exc.__cause__ or exc.__context__
+            return TeacherFailure(prompt, "connection_error",
+                                  f"{self.name} at {self._where}: connection failed after {self.max_retries} "
+                                  f"retries ({type(cause).__name__ if cause else 'unknown'}: {cause or exc})")
+        return None
+
     def _classify_status(self, status: int, prompt: str, detail: str, *, code: str | None = None,
                          param: str | None = None, kind: str = "") -> TeacherFailure | TeacherError:
         """Map an HTTP status (after the SDK's retries) to a per-prompt failure or a fatal error."""
@@ -561,14 +575,9 @@ class OpenAITeacher(APITeacherBase):
     def _classify_error(self, exc: BaseException, prompt: str) -> TeacherFailure | TeacherError:
         import openai
 
-        if isinstance(exc, openai.APITimeoutError):
-            return TeacherFailure(prompt, "timeout", f"{self.name} at {self._where}: no response within "
-                                                     f"{self.timeout_s:g}s after {self.max_retries} retries")
-        if isinstance(exc, openai.APIConnectionError):
-            cause = exc.__cause__ or exc.__context__
-            return TeacherFailure(prompt, "connection_error",
-                                  f"{self.name} at {self._where}: connection failed after {self.max_retries} "
-                                  f"retries ({type(cause).__name__ if cause else 'unknown'}: {cause or exc})")
+        failure = self._transport_failure(exc, prompt, openai.APITimeoutError, openai.APIConnectionError)
+        if failure is not None:
+            return failure
         if isinstance(exc, openai.APIStatusError):
             detail = _openai_error_detail(exc)
             return self._classify_status(int(exc.status_code), prompt, detail, code=exc.code, param=exc.param,
