@@ -5,9 +5,12 @@ from bitnet_kde.model.bitnet import (
     BitLinear,
     BitNetConfig,
     BitNetLM,
+    KVCache,
+    PackedBitLinear,
     bitnet_7b,
     bitnet_mini,
     bitnet_tiny,
 )
 
-__all__ = ["PRESETS", "BitLinear", "BitNetConfig", "BitNetLM", "bitnet_7b", "bitnet_mini", "bitnet_tiny"]
+__all__ = ["PRESETS", "BitLinear", "BitNetConfig", "BitNetLM", "KVCache", "PackedBitLinear", "bitnet_7b",
+           "bitnet_mini", "bitnet_tiny"]

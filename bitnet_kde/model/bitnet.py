@@ -19,6 +19,11 @@ Architecture choices (and why):
 - **Gated FFN with squared ReLU** (`relu2`, as in BitNet b1.58 2B4T); `swiglu` is selectable.
 - **No biases** anywhere, which also matches Hugging Face's `bitnet` architecture so that a
   trained student can be exported to it.
+- **Two forms of the same layer.** `BitLinear` keeps fp32 latent weights for training;
+  `PackedBitLinear` keeps only the 2-bit codes and one scale (the inference / export form) and
+  produces bit-identical outputs. `BitNetLM.pack()` swaps one for the other in place.
+- **KV cache for greedy decoding** (`KVCache`, `BitNetLM.generate`): activations are quantized
+  per token, so caching keys and values of earlier tokens gives exactly the recomputed result.
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitnet_kde.quant import fake_quant_activations, fake_quant_weight, ternary_weight
+from bitnet_kde.quant import (
+    fake_quant_activations,
+    fake_quant_weight,
+    pack_ternary,
+    ternary_weight,
+    unpack_ternary,
+)
 
 
 @dataclass
@@ -174,6 +185,90 @@ class BitLinear(nn.Linear):
         return f"{super().extra_repr()}, {mode}"
 
 
+class PackedBitLinear(nn.Module):
+    """Inference form of `BitLinear`: 2-bit packed ternary codes plus one fp32 scale.
+
+    `forward` computes exactly what `BitLinear.forward` computes with `quant_lambda = 1`
+    (the weight is unpacked to `{-1, 0, 1} * scale` in the activation dtype), so a packed model
+    reproduces its checkpoint's quantized logits. Weight memory is `ceil(in * out / 4)` bytes.
+    `cache_unpacked=True` keeps the unpacked weight after the first call: faster decoding on
+    hardware without ternary kernels, at fp32 memory cost.
+    """
+
+    quantize = True
+    quant_lambda = 1.0
+
+    def __init__(self, in_features: int, out_features: int, *, activation_bits: int = 8,
+                 a4_scale: str = "absmax", device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.activation_bits = activation_bits
+        self.a4_scale = a4_scale
+        self.cache_unpacked = False
+        self._unpacked: torch.Tensor | None = None
+        self.register_buffer("packed", torch.empty((in_features * out_features + 3) // 4, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_bitlinear(cls, layer: BitLinear) -> "PackedBitLinear":
+        out = cls(layer.in_features, layer.out_features, activation_bits=layer.activation_bits,
+                  a4_scale=layer.a4_scale, device=layer.weight.device)
+        wq, scale = ternary_weight(layer.weight.float())
+        out.packed.copy_(pack_ternary(wq))
+        out.scale.copy_(scale)
+        return out
+
+    def weight_bytes(self) -> int:
+        return self.packed.numel() + self.scale.numel() * self.scale.element_size()
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        if self._unpacked is not None and self._unpacked.dtype == dtype:
+            return self._unpacked
+        w = unpack_ternary(self.packed, (self.out_features, self.in_features), dtype=dtype)
+        w = w.mul_(self.scale.to(dtype))
+        if self.cache_unpacked:
+            self._unpacked = w
+        return w
+
+    quantize_input = BitLinear.quantize_input
+
+    def forward(self, x: torch.Tensor, *, input_quantized: bool = False) -> torch.Tensor:
+        xq = x if input_quantized else self.quantize_input(x)
+        return F.linear(xq, self.dequantized_weight(xq.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed W1.58A{self.activation_bits}"
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated buffer pair per layer.
+
+    Shapes are `[B, n_kv_heads, max_len, head_dim]`; `pos` is the number of cached tokens.
+    """
+
+    def __init__(self, cfg: "BitNetConfig", batch_size: int, max_len: int | None = None,
+                 device=None, dtype=torch.float32):
+        max_len = max_len or cfg.max_seq_len
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KV cache length {max_len} exceeds max_seq_len={cfg.max_seq_len}")
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values of `layer` after the cached ones; return all of them."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} tokens > max_len={self.max_len}")
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -208,14 +303,25 @@ class Attention(nn.Module):
         self.sub_norm = RMSNorm(cfg.d_model, cfg.norm_eps)  # SubLN
         self.o_proj = lin(cfg.n_heads * cfg.head_dim, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
         x = self.q_proj.quantize_input(x)  # shared by q, k and v
         q = self.q_proj(x, input_quantized=True).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x, input_quantized=True).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x, input_quantized=True).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        mask, causal = None, True
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(layer, k, v)
+            if past:
+                # New query i sits at position past + i and may see keys 0 .. past + i.
+                causal = False
+                if t > 1:
+                    mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(self.sub_norm(y))
 
@@ -245,8 +351,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -303,21 +410,79 @@ class BitNetLM(nn.Module):
             m.quant_lambda = float(min(max(lam, 0.0), 1.0))
 
     def bitlinears(self):
-        return (m for m in self.modules() if isinstance(m, BitLinear))
+        """Every quantized linear layer, in training (`BitLinear`) or packed form."""
+        return (m for m in self.modules() if isinstance(m, (BitLinear, PackedBitLinear)))
 
     def named_bitlinears(self):
-        return ((n, m) for n, m in self.named_modules() if isinstance(m, BitLinear))
+        return ((n, m) for n, m in self.named_modules() if isinstance(m, (BitLinear, PackedBitLinear)))
+
+    @property
+    def is_packed(self) -> bool:
+        return any(isinstance(m, PackedBitLinear) for m in self.modules())
+
+    def pack(self) -> "BitNetLM":
+        """Replace every BitLinear by its packed inference form, in place (returns self).
+
+        The fp32 latent weights are freed; logits stay bit-identical to the quantized forward.
+        """
+        if not self.cfg.quantize:
+            raise ValueError("a dense model (quantize=False) has no ternary form to pack")
+        for name, layer in list(self.named_modules()):
+            if isinstance(layer, BitLinear):
+                parent, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent), child, PackedBitLinear.from_bitlinear(layer))
+        return self
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes held by weights: packed ternary codes + scales, and everything else (embedding, norms)."""
+        packed = {id(p) for m in self.modules() if isinstance(m, PackedBitLinear) for p in m.buffers()}
+        ternary = sum(m.weight_bytes() for m in self.modules() if isinstance(m, PackedBitLinear))
+        other = sum(p.numel() * p.element_size() for p in self.parameters() if id(p) not in packed)
+        return {"ternary": ternary, "other": other, "total": ternary + other}
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.embed.weight.numel() if exclude_embedding else n
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits for `input_ids`; with a `cache`, the ids continue the cached tokens."""
+        start = cache.pos if cache is not None else 0
         t = input_ids.shape[1]
-        if t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds max_seq_len={self.cfg.max_seq_len}")
+        if start + t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + t} exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(input_ids)
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += t
         return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Greedy continuation of `input_ids` [B, T] (equal-length prompts); returns [B, <= max_new_tokens].
+
+        With `use_cache` the prompt is run once and each new token costs one position; without
+        it every step recomputes the whole sequence (the reference the cache is tested against).
+        Generation stops early once every row has produced `eos_id`; later positions repeat it.
+        """
+        b, t = input_ids.shape
+        max_new_tokens = min(max_new_tokens, self.cfg.max_seq_len - t)
+        cache = KVCache(self.cfg, b, t + max_new_tokens, device=input_ids.device,
+                        dtype=self.embed.weight.dtype) if use_cache else None
+        seq, step_in, out = input_ids, input_ids, []
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(step_in if use_cache else seq, cache)[:, -1]
+            nxt = logits.argmax(-1)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out.append(nxt)
+            step_in = nxt[:, None]
+            if not use_cache:
+                seq = torch.cat([seq, step_in], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+        return torch.stack(out, dim=1) if out else input_ids.new_zeros(b, 0)
