@@ -1,0 +1,407 @@
+"""Where data, checkpoints and reports live: every path is an fsspec URL resolved here.
+
+A plain path or `file://` URL is the local disk (a mounted Colab Drive folder is one too);
+`s3://`, `gs://`, `az://`/`abfs://` and `webdav://` go to object stores and WebDAV servers
+through their fsspec packages (optional extras: `pip install bitnet-kde[s3]` and so on).
+
+Credentials and endpoints are never part of a config. Each backend names the *environment
+variables* that hold them (`BACKENDS`; a Hydra `storage` config may rename them); their values
+are read from the environment (or `.env`) when a filesystem is created and handed to fsspec
+through its in-memory defaults (`fsspec.config.conf`), so Lightning's own checkpoint IO reaches
+the same store with the same settings. Nothing here writes a value to disk or to a log; error
+messages name variables, never their values.
+
+Writes are atomic: the bytes go to a hidden temporary key next to the target (`.<name>.<uuid>.tmp`)
+and are then renamed (local `os.replace`, WebDAV `MOVE`) or copied and deleted (object stores,
+whose copy is server-side and all-or-nothing). A reader therefore sees the old object, the new
+one, or nothing, never half of one; readers skip names that start with a dot.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import fsspec
+import fsspec.config
+from omegaconf import OmegaConf
+
+__all__ = [
+    "BACKENDS",
+    "StorageError",
+    "backend_of",
+    "check_store",
+    "configure",
+    "exists",
+    "is_local",
+    "join",
+    "makedirs",
+    "open_url",
+    "read_json",
+    "resolve",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
+
+
+class StorageError(RuntimeError):
+    """The configured store cannot be used; the message names the backend and what to set or install."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One storage backend: its URL schemes, fsspec package, and the variables it reads.
+
+    `env` maps an option to the environment variable holding it; `required` lists options that
+    must be set (`"a|b"`: at least one of them); `secret` options are scrubbed from messages.
+    """
+
+    name: str
+    protocols: tuple[str, ...]
+    module: str | None = None
+    extra: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    required: tuple[str, ...] = ()
+    secret: tuple[str, ...] = ()
+
+
+BACKENDS: dict[str, Backend] = {
+    "local": Backend("local", ("file", "local")),
+    "s3": Backend(
+        "s3", ("s3", "s3a"), "s3fs", "s3",
+        env={"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN",
+             "endpoint_url": "S3_ENDPOINT_URL", "region": "AWS_REGION"},
+        required=("key", "secret"), secret=("key", "secret", "token")),
+    "gcs": Backend(
+        "gcs", ("gs", "gcs"), "gcsfs", "gcs",
+        env={"token": "GOOGLE_APPLICATION_CREDENTIALS", "project": "GOOGLE_CLOUD_PROJECT"},
+        required=("token",), secret=()),
+    "azure": Backend(
+        "azure", ("az", "abfs", "abfss"), "adlfs", "azure",
+        env={"account_name": "AZURE_STORAGE_ACCOUNT_NAME", "account_key": "AZURE_STORAGE_ACCOUNT_KEY",
+             "sas_token": "AZURE_STORAGE_SAS_TOKEN", "connection_string": "AZURE_STORAGE_CONNECTION_STRING"},
+        required=("account_name|connection_string", "account_key|sas_token|connection_string"),
+        secret=("account_key", "sas_token", "connection_string")),
+    "webdav": Backend(
+        "webdav", ("webdav",), "webdav4.fsspec", "webdav",
+        env={"base_url": "WEBDAV_URL", "username": "WEBDAV_USERNAME", "password": "WEBDAV_PASSWORD"},
+        required=("base_url", "username", "password"), secret=("password",)),
+}
+"""Backends by name, with the default names of the variables each one reads."""
+
+_PROTOCOL_BACKEND = {p: b for b in BACKENDS.values() for p in b.protocols}
+_env_names: dict[str, dict[str, str]] = {}      # backend -> option -> variable (renamed by a storage config)
+_required: dict[str, tuple[str, ...]] = {}      # backend -> required options (overridden by a storage config)
+_extra_options: dict[str, dict[str, Any]] = {}  # backend -> non-secret fsspec options from the config
+
+
+# -- URLs -------------------------------------------------------------------------------------
+def protocol_of(url: str | os.PathLike) -> str:
+    s = os.fspath(url)
+    return s.split("://", 1)[0].lower() if "://" in s else "file"
+
+
+def backend_of(url: str | os.PathLike) -> Backend:
+    """The backend serving `url` (a plain path is local)."""
+    proto = protocol_of(url)
+    if proto not in _PROTOCOL_BACKEND:
+        known = ", ".join(sorted(p + "://" for p in _PROTOCOL_BACKEND))
+        raise StorageError(f"{url}: unsupported storage protocol {proto!r}; use a local path or one of {known}")
+    return _PROTOCOL_BACKEND[proto]
+
+
+def is_local(url: str | os.PathLike) -> bool:
+    return backend_of(url).name == "local"
+
+
+def local_path(url: str | os.PathLike) -> str:
+    """`file://x` -> `x`; a plain path unchanged."""
+    s = os.fspath(url)
+    for prefix in ("file://", "local://"):
+        if s.startswith(prefix):
+            return s[len(prefix):]
+    return s
+
+
+def join(base: str | os.PathLike, *parts: str) -> str | Path:
+    """`base/part/...`: a `Path` for local folders, a URL string otherwise."""
+    if is_local(base):
+        return Path(local_path(base)).joinpath(*parts)
+    return "/".join([os.fspath(base).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def name_of(url: str | os.PathLike) -> str:
+    return os.fspath(url).rstrip("/").rsplit("/", 1)[-1]
+
+
+# -- credentials from the environment ---------------------------------------------------------
+def variables(backend: Backend | str) -> dict[str, str]:
+    """option -> environment variable name, for `backend` as currently configured."""
+    b = BACKENDS[backend] if isinstance(backend, str) else backend
+    return {**b.env, **_env_names.get(b.name, {})}
+
+
+def required_options(backend: Backend | str) -> tuple[str, ...]:
+    b = BACKENDS[backend] if isinstance(backend, str) else backend
+    return _required.get(b.name, b.required)
+
+
+def _env_values(b: Backend) -> dict[str, str]:
+    out = {}
+    for opt, var in variables(b).items():
+        value = os.environ.get(var, "").strip() if var else ""
+        if value:
+            out[opt] = value
+    return out
+
+
+def missing_variables(backend: Backend | str) -> list[str]:
+    """Descriptions of required variables that are unset, e.g. `AWS_SECRET_ACCESS_KEY`."""
+    b = BACKENDS[backend] if isinstance(backend, str) else backend
+    values, names = _env_values(b), variables(b)
+    missing = []
+    for req in required_options(b):
+        alternatives = req.split("|")
+        if not any(a in values for a in alternatives):
+            missing.append(" or ".join(names.get(a, a) for a in alternatives))
+    return missing
+
+
+def _fs_options(b: Backend, values: Mapping[str, str]) -> dict[str, Any]:
+    """fsspec constructor arguments for backend `b` from the variables' values."""
+    opts: dict[str, Any] = dict(_extra_options.get(b.name, {}))
+    if b.name == "s3":
+        for k in ("key", "secret", "token", "endpoint_url"):
+            if k in values:
+                opts[k] = values[k]
+        if "region" in values:
+            opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "region_name": values["region"]}
+    elif b.name == "gcs":
+        opts.update({k: values[k] for k in ("token", "project") if k in values})
+    elif b.name == "azure":
+        opts.update({k: values[k] for k in b.env if k in values})
+    elif b.name == "webdav":
+        if "base_url" in values:
+            opts["base_url"] = values["base_url"]
+        if "username" in values:
+            opts["auth"] = (values["username"], values.get("password", ""))
+    return opts
+
+
+def _apply(b: Backend) -> None:
+    """Put backend `b`'s options (from the environment, now) into fsspec's in-memory defaults."""
+    if b.name == "local":
+        return
+    opts = _fs_options(b, _env_values(b))
+    for proto in b.protocols:
+        fsspec.config.conf[proto] = dict(opts)
+
+
+def scrub(text: str) -> str:
+    """`text` with every configured credential value replaced by `***`."""
+    for b in BACKENDS.values():
+        for opt, value in _env_values(b).items():
+            if opt in b.secret and len(value) >= 4:
+                text = text.replace(value, "***")
+    return text
+
+
+def _import_backend(b: Backend) -> None:
+    if b.module is None:
+        return
+    try:
+        importlib.import_module(b.module)
+    except ImportError as e:
+        raise StorageError(
+            f"storage backend '{b.name}' needs the package {b.module.split('.')[0]!r}, which is not installed: "
+            f"pip install 'bitnet-kde[{b.extra}]' (or pip install {b.module.split('.')[0]})") from e
+
+
+def _check_variables(b: Backend, url: str) -> None:
+    missing = missing_variables(b)
+    if missing:
+        raise StorageError(
+            f"storage backend '{b.name}' ({url}): missing environment variable(s): {', '.join(missing)}. "
+            "Set them in .env or the environment (see .env.example and docs/STORAGE.md).")
+    token = _env_values(b).get("token")
+    if b.name == "gcs" and token and token not in ("google_default", "cloud", "anon") and not Path(token).is_file():
+        raise StorageError(f"storage backend 'gcs' ({url}): {variables(b)['token']} names a file that does not "
+                           "exist; point it to your service-account JSON key file")
+
+
+# -- resolving and file operations ------------------------------------------------------------
+def resolve(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for `url`, with the backend's settings from the environment.
+
+    Raises `StorageError` naming the backend and the pip extra or variable when it cannot work.
+    """
+    s = os.fspath(url)
+    b = backend_of(s)
+    if b.name == "local":
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(local_path(s)))
+    _import_backend(b)
+    _check_variables(b, s)
+    _apply(b)
+    fs, path = fsspec.core.url_to_fs(s)
+    return fs, path
+
+
+def exists(url: str | os.PathLike) -> bool:
+    fs, path = resolve(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str | os.PathLike) -> None:
+    """Create the folder `url` and its parents (object stores: the bucket if needed)."""
+    fs, path = resolve(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def open_url(url: str | os.PathLike, mode: str = "rb", **kwargs):
+    """Open `url` like `open()` (text modes too). For writing prefer the atomic helpers."""
+    fs, path = resolve(url)
+    if "w" in mode and is_local(url):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return fs.open(path, mode, **kwargs)
+
+
+def read_json(url: str | os.PathLike) -> Any:
+    with open_url(url, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def _rename(fs, src: str, dst: str) -> None:
+    if getattr(fs, "protocol", None) in ("webdav", ("webdav", "dav")) and hasattr(fs, "client"):
+        fs.client.move(src, dst, overwrite=True)  # a WebDAV MOVE: one rename on the server
+    else:
+        fs.mv(src, dst)  # object stores: server-side copy, then delete
+
+
+def write_bytes_atomic(url: str | os.PathLike, data: bytes) -> str | Path:
+    """Write `data` to `url` so that readers see the old content, the new content, or nothing."""
+    fs, path = resolve(url)
+    parent, name = path.rstrip("/").rsplit("/", 1) if "/" in path else ("", path)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+    if is_local(url):
+        os.makedirs(parent or ".", exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return Path(local_path(url))
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    try:
+        fs.pipe_file(tmp, data)
+        _rename(fs, tmp, path)
+    finally:
+        try:
+            if fs.exists(tmp):
+                fs.rm_file(tmp)
+        except Exception:  # noqa: BLE001 - a stale hidden temp key is ignored by every reader
+            pass
+    return os.fspath(url)
+
+
+def write_text_atomic(url: str | os.PathLike, text: str) -> str | Path:
+    return write_bytes_atomic(url, text.encode("utf-8"))
+
+
+def write_json_atomic(url: str | os.PathLike, obj: Any, *, indent: int = 2) -> str | Path:
+    """Write `obj` as JSON (UTF-8, `ensure_ascii=False`) to `url`, atomically."""
+    return write_text_atomic(url, json.dumps(obj, indent=indent, ensure_ascii=False))
+
+
+def table_bytes(table) -> bytes:
+    """A pyarrow table as Parquet file bytes (for `write_bytes_atomic`)."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+# -- configuration from Hydra and store checks ------------------------------------------------
+def configure(storage_cfg: Mapping | None) -> Backend:
+    """Take variable names and non-secret options from a Hydra `storage` config node.
+
+    The node has `backend` (a key of `BACKENDS`), optionally `env` (option -> variable name),
+    `required` (options that must be set) and `options` (non-secret fsspec arguments). Values of
+    variables are never read into the config.
+    """
+    if storage_cfg is None:
+        return BACKENDS["local"]
+    cfg = OmegaConf.to_container(storage_cfg, resolve=True) if OmegaConf.is_config(storage_cfg) else dict(storage_cfg)
+    name = cfg.get("backend", "local")
+    if name not in BACKENDS:
+        raise StorageError(f"storage.backend={name!r} is not one of {sorted(BACKENDS)}")
+    b = BACKENDS[name]
+    if cfg.get("env"):
+        unknown = set(cfg["env"]) - set(b.env)
+        if unknown:
+            raise StorageError(f"storage backend '{name}': unknown option(s) in storage.env: {sorted(unknown)}; "
+                               f"known: {sorted(b.env)}")
+        _env_names[name] = {k: str(v) for k, v in cfg["env"].items() if v}
+    if cfg.get("required") is not None:
+        _required[name] = tuple(cfg["required"])
+    if cfg.get("options"):
+        _extra_options[name] = dict(cfg["options"])
+    return b
+
+
+def check_store(url: str | os.PathLike, *, timeout_s: float = 10.0) -> str:
+    """Check that the store behind `url` can be used: package, variables, then a real request.
+
+    Returns a one-line description; raises `StorageError` naming the backend and the variable,
+    extra or endpoint to fix. Local paths: the nearest existing parent must be writable.
+    """
+    s = os.fspath(url)
+    b = backend_of(s)
+    if b.name == "local":
+        p = Path(os.path.expanduser(local_path(s))).absolute()
+        parent = next(q for q in (p, *p.parents) if q.exists())
+        if not os.access(parent, os.W_OK):
+            raise StorageError(f"storage backend 'local': {parent} is not writable (needed for {s})")
+        return f"local folder {p} (writable)"
+    _import_backend(b)
+    _check_variables(b, s)
+    _apply(b)
+    values = _env_values(b)
+    opts = {**_fs_options(b, values), "skip_instance_cache": True}
+    fs_cls = fsspec.get_filesystem_class(protocol_of(s))
+    endpoint = values.get("endpoint_url") or values.get("base_url") or "default endpoint"
+    if b.name == "s3":
+        opts["config_kwargs"] = {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                 "retries": {"max_attempts": 1}}
+    elif b.name == "webdav":
+        opts["timeout"] = timeout_s
+        opts["retry"] = False
+    path = fs_cls._strip_protocol(s)
+    top = path.split("/", 1)[0]
+    try:
+        fs = fs_cls(**opts)
+        if b.name in ("s3", "gcs", "azure"):
+            fs.ls(top)  # the bucket / container: credentials and endpoint must both work
+        else:
+            fs.ls("")
+    except FileNotFoundError as e:
+        raise StorageError(f"storage backend '{b.name}' at {endpoint}: bucket or folder {top!r} does not exist "
+                           f"({s}); create it (make ensure_dirs) or fix the URL") from None
+    except Exception as e:  # noqa: BLE001 - every transport/auth failure becomes one clear message
+        names = ", ".join(v for v in variables(b).values())
+        raise StorageError(scrub(
+            f"storage backend '{b.name}': cannot reach {s} at {endpoint}: {type(e).__name__}: {e}. "
+            f"Check the endpoint and credentials ({names})")) from None
+    return f"{b.name} store {s} at {endpoint} (reachable)"
