@@ -7,19 +7,18 @@ log-probabilities (Anthropic, Groq): the baseline needs only text.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import platform
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bitnet_kde.env import load_dotenv_file, teacher_from_env
+from bitnet_kde import storage
+from bitnet_kde.env import group_from_env, load_dotenv_file, teacher_from_env
 from bitnet_kde.kd.prompts import load_prompts
 from bitnet_kde.teachers import SamplingConfig, TeacherFailure, build_teacher
 
@@ -65,12 +64,9 @@ def baseline(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="teacher_baseline")
 def main(cfg: DictConfig) -> None:
+    storage.setup(cfg, cfg.report_path, exit_on_error=True)
     report = baseline(cfg)
-    out = Path(cfg.report_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    tmp.replace(out)
+    out = storage.write_json_atomic(cfg.report_path, report)
     s = report["summary"]
     log.info("%s: %d answers, %d failures, %.1f tokens/s -> %s", report["teacher"], s["answered"], s["failed"],
              s["tokens_per_second"] or 0.0, out)
@@ -78,5 +74,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     load_dotenv_file()
-    sys.argv = teacher_from_env(sys.argv, "PROVIDER")
+    sys.argv = group_from_env(teacher_from_env(sys.argv, "PROVIDER"), "STORAGE", "storage")
     main()

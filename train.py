@@ -15,7 +15,8 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bitnet_kde.env import load_dotenv_file, teacher_from_env
+from bitnet_kde import storage
+from bitnet_kde.env import group_from_env, load_dotenv_file, teacher_from_env
 from bitnet_kde.training import DistillationModule
 
 log = logging.getLogger("train")
@@ -27,6 +28,8 @@ def instantiate_group(cfg: DictConfig | None) -> list:
 
 
 def train(cfg: DictConfig) -> float | None:
+    # the store (traces, checkpoints) must be usable before any work starts
+    storage.setup(cfg, cfg.paths.data_dir, cfg.paths.checkpoint_dir, cfg.ckpt_path, exit_on_error=True)
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -59,5 +62,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     load_dotenv_file()
-    sys.argv = teacher_from_env(sys.argv, "TEACHER_PROVIDER")
+    sys.argv = group_from_env(teacher_from_env(sys.argv, "TEACHER_PROVIDER"), "STORAGE", "storage")
     main()

@@ -19,16 +19,22 @@ def load_dotenv_file(path: str | Path = ".env") -> bool:
     return load_dotenv(path, override=False)
 
 
-def teacher_from_env(argv: list[str], variable: str) -> list[str]:
-    """Add `teacher=<$variable>` to Hydra's arguments unless the command line already picks one.
+def group_from_env(argv: list[str], variable: str, group: str) -> list[str]:
+    """Add `<group>=<$variable>` to Hydra's arguments unless the command line already picks one.
 
-    `TEACHER_PROVIDER` chooses the KD teacher (collect, train) and `PROVIDER` the chat provider
-    (teacher baseline), so both can live in `.env`; a `teacher=...` argument always wins.
+    `TEACHER_PROVIDER` chooses the KD teacher (collect, train), `PROVIDER` the chat provider
+    (teacher baseline) and `STORAGE` the storage backend, so all can live in `.env`; an argument
+    on the command line always wins.
     """
     value = os.environ.get(variable, "").strip()
-    if not value or any(a.split("=", 1)[0].lstrip("+~") == "teacher" for a in argv[1:]):
+    if not value or any(a.split("=", 1)[0].lstrip("+~") == group for a in argv[1:]):
         return argv
-    return [*argv, f"teacher={value}"]
+    return [*argv, f"{group}={value}"]
+
+
+def teacher_from_env(argv: list[str], variable: str) -> list[str]:
+    """`teacher=<$variable>` unless given (see `group_from_env`)."""
+    return group_from_env(argv, variable, "teacher")
 
 
 def report() -> list[str]:

@@ -19,14 +19,15 @@ one, or nothing, never half of one; readers skip names that start with a dot.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import io
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 import fsspec
 import fsspec.config
@@ -42,9 +43,11 @@ __all__ = [
     "is_local",
     "join",
     "makedirs",
+    "open_atomic",
     "open_url",
     "read_json",
     "resolve",
+    "setup",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_text_atomic",
@@ -95,6 +98,8 @@ BACKENDS: dict[str, Backend] = {
         required=("base_url", "username", "password"), secret=("password",)),
 }
 """Backends by name, with the default names of the variables each one reads."""
+
+log = logging.getLogger(__name__)
 
 _PROTOCOL_BACKEND = {p: b for b in BACKENDS.values() for p in b.protocols}
 _env_names: dict[str, dict[str, str]] = {}      # backend -> option -> variable (renamed by a storage config)
@@ -181,7 +186,8 @@ def _fs_options(b: Backend, values: Mapping[str, str]) -> dict[str, Any]:
         for k in ("key", "secret", "token", "endpoint_url"):
             if k in values:
                 opts[k] = values[k]
-        if "region" in values:
+        # us-east-1 is the default and must not be sent as a bucket LocationConstraint
+        if values.get("region", "us-east-1") != "us-east-1":
             opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "region_name": values["region"]}
     elif b.name == "gcs":
         opts.update({k: values[k] for k in ("token", "project") if k in values})
@@ -284,8 +290,16 @@ def _rename(fs, src: str, dst: str) -> None:
         fs.mv(src, dst)  # object stores: server-side copy, then delete
 
 
-def write_bytes_atomic(url: str | os.PathLike, data: bytes) -> str | Path:
-    """Write `data` to `url` so that readers see the old content, the new content, or nothing."""
+@contextlib.contextmanager
+def open_atomic(url: str | os.PathLike) -> Iterator[BinaryIO]:
+    """`with open_atomic(url) as f: f.write(...)`: the bytes appear under `url` only when the block
+    ends without an exception; readers see the old content, the new content, or nothing.
+
+    The file is written to a hidden temporary name next to the target (`.<name>.<uuid>.tmp`), then
+    renamed into place (local `os.replace`, WebDAV `MOVE`) or copied and deleted (object stores).
+    On an exception the temporary file is removed; a killed writer leaves only a hidden name,
+    which every reader skips.
+    """
     fs, path = resolve(url)
     parent, name = path.rstrip("/").rsplit("/", 1) if "/" in path else ("", path)
     tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
@@ -293,18 +307,19 @@ def write_bytes_atomic(url: str | os.PathLike, data: bytes) -> str | Path:
         os.makedirs(parent or ".", exist_ok=True)
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return Path(local_path(url))
+        return
     if parent:
         fs.makedirs(parent, exist_ok=True)
     try:
-        fs.pipe_file(tmp, data)
+        with fs.open(tmp, "wb") as f:
+            yield f
         _rename(fs, tmp, path)
     finally:
         try:
@@ -312,7 +327,13 @@ def write_bytes_atomic(url: str | os.PathLike, data: bytes) -> str | Path:
                 fs.rm_file(tmp)
         except Exception:  # noqa: BLE001 - a stale hidden temp key is ignored by every reader
             pass
-    return os.fspath(url)
+
+
+def write_bytes_atomic(url: str | os.PathLike, data: bytes) -> str | Path:
+    """Write `data` to `url` atomically (see `open_atomic`); returns `url` (a `Path` when local)."""
+    with open_atomic(url) as f:
+        f.write(data)
+    return Path(local_path(url)) if is_local(url) else os.fspath(url)
 
 
 def write_text_atomic(url: str | os.PathLike, text: str) -> str | Path:
@@ -322,15 +343,6 @@ def write_text_atomic(url: str | os.PathLike, text: str) -> str | Path:
 def write_json_atomic(url: str | os.PathLike, obj: Any, *, indent: int = 2) -> str | Path:
     """Write `obj` as JSON (UTF-8, `ensure_ascii=False`) to `url`, atomically."""
     return write_text_atomic(url, json.dumps(obj, indent=indent, ensure_ascii=False))
-
-
-def table_bytes(table) -> bytes:
-    """A pyarrow table as Parquet file bytes (for `write_bytes_atomic`)."""
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
 
 
 # -- configuration from Hydra and store checks ------------------------------------------------
@@ -400,8 +412,95 @@ def check_store(url: str | os.PathLike, *, timeout_s: float = 10.0) -> str:
         raise StorageError(f"storage backend '{b.name}' at {endpoint}: bucket or folder {top!r} does not exist "
                            f"({s}); create it (make ensure_dirs) or fix the URL") from None
     except Exception as e:  # noqa: BLE001 - every transport/auth failure becomes one clear message
-        names = ", ".join(v for v in variables(b).values())
+        names = variables(b)
+        creds = ", ".join(v for k, v in names.items() if k not in ("endpoint_url", "base_url", "region", "project"))
+        where = names.get("endpoint_url") or names.get("base_url")
+        if isinstance(e, PermissionError):
+            hint = f"the store refused the credentials: check {creds}"
+        else:
+            hint = f"check {where + ' (the endpoint), ' if where else ''}the network, and {creds}"
         raise StorageError(scrub(
-            f"storage backend '{b.name}': cannot reach {s} at {endpoint}: {type(e).__name__}: {e}. "
-            f"Check the endpoint and credentials ({names})")) from None
+            f"storage backend '{b.name}': cannot use {s} at {endpoint}: {type(e).__name__}: {e}; {hint}")) from None
     return f"{b.name} store {s} at {endpoint} (reachable)"
+
+
+def _colab_drive(cfg: Mapping) -> None:
+    """Mount Google Drive when asked (`AUTO_MOUNT_GDRIVE`) and running in Colab; else check it is mounted."""
+    mount = str(cfg.get("mount_point") or "/content/drive")
+    var = cfg.get("auto_mount_env") or "AUTO_MOUNT_GDRIVE"
+    if os.path.isdir(os.path.join(mount, "MyDrive")):
+        return
+    wanted = os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        from google.colab import drive  # type: ignore[import-not-found]
+    except ImportError:
+        drive = None
+    if wanted and drive is not None:
+        drive.mount(mount)
+        return
+    how = (f"set {var}=1 to mount it on start" if drive is not None
+           else "storage=colab_drive needs Google Colab (elsewhere use storage=local with paths.root=<folder>)")
+    raise StorageError(f"storage backend 'colab_drive': Google Drive is not mounted at {mount}; {how}")
+
+
+def setup(cfg: Mapping, *urls: str | os.PathLike | None, exit_on_error: bool = False) -> list[str]:
+    """What every entry point calls before any work: configure the store and check it.
+
+    Reads `cfg.storage` (variable names, options), mounts Colab Drive if asked, and checks each
+    distinct store among `cfg.paths.root` and `urls` (package, variables, reachability). Returns
+    one line per store; raises `StorageError` with the backend and variable to fix, or with
+    `exit_on_error` exits the program with that message (what the entry points use).
+    """
+    try:
+        lines = _setup(cfg, urls)
+    except StorageError as e:
+        if exit_on_error:
+            raise SystemExit(f"error: {e}") from None
+        raise
+    for line in lines:
+        log.info("storage: %s", line)
+    return lines
+
+
+def _setup(cfg: Mapping, urls) -> list[str]:
+    storage_cfg = cfg.get("storage") if hasattr(cfg, "get") else None
+    configure(storage_cfg)
+    if storage_cfg is not None and storage_cfg.get("name") == "colab_drive":
+        _colab_drive(storage_cfg)
+    paths = cfg.get("paths") or {}
+    candidates = [paths.get("root"), *urls]
+    seen, lines = set(), []
+    for url in candidates:
+        if url is None or str(url) in ("", "None"):
+            continue
+        url = os.fspath(url)
+        b = backend_of(url)
+        if b.name != "local" and "://None" in url:
+            raise StorageError(f"storage backend '{b.name}': no bucket/container in {url}: set storage.bucket "
+                               "(or its variable in .env, see configs/storage/) or paths.root=<url>")
+        key = (b.name, url.split("://", 1)[-1].split("/", 1)[0] if b.name != "local" else url)
+        if key in seen:
+            continue
+        seen.add(key)
+        lines.append(check_store(url))
+    return lines
+
+
+# -- Hydra resolvers (configs/paths) ----------------------------------------------------------
+def _local_dir(root: str) -> str:
+    """`root` when it is a local folder, else "." (logs and `.hydra/` always stay on local disk)."""
+    return local_path(root) if is_local(root) else "."
+
+
+def _run_dir_on_store(root: str, log_dir: str, output_dir: str) -> str:
+    """The run's folder for checkpoints: the local run folder, or the same layout under a remote root."""
+    if is_local(root):
+        return output_dir
+    rel = os.path.relpath(os.path.abspath(output_dir), os.path.abspath(log_dir))
+    if rel.startswith(".."):
+        rel = os.path.basename(output_dir.rstrip("/"))
+    return "/".join([root.rstrip("/"), rel.replace(os.sep, "/")])
+
+
+OmegaConf.register_new_resolver("local_dir", _local_dir, replace=True)
+OmegaConf.register_new_resolver("run_dir_on_store", _run_dir_on_store, replace=True)

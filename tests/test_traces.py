@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -429,10 +430,10 @@ def test_failed_write_leaves_nothing_under_final_name(tmp_path, monkeypatch):
     seen = []
 
     def write_half_then_die(table, where, *a, **kw):
-        seen.append(Path(where))
-        real_write(table, where, *a, **kw)
-        data = Path(where).read_bytes()
-        Path(where).write_bytes(data[: len(data) // 2])
+        seen.append(Path(where.name))  # the open temporary file the shard is streamed into
+        buf = io.BytesIO()
+        real_write(table, buf, *a, **kw)
+        where.write(buf.getvalue()[: len(buf.getvalue()) // 2])
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(pq, "write_table", write_half_then_die)
@@ -450,7 +451,7 @@ def test_failed_overwrite_keeps_the_old_shard(tmp_path, monkeypatch):
     before = out.read_bytes()
 
     def die(table, where, *a, **kw):
-        Path(where).write_bytes(b"PAR1 partial")
+        where.write(b"PAR1 partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pq, "write_table", die)

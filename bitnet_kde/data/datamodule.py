@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -26,6 +25,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from bitnet_kde import storage
 from bitnet_kde.data.format_mask import token_format_mask
 from bitnet_kde.kd.traces import list_shards, read_traces
 
@@ -144,7 +144,8 @@ class KDTraceDataModule(pl.LightningDataModule):
     """Trains on the trace shards in `trace_dir`; `source.write(trace_dir)` creates them if absent.
 
     Args:
-        trace_dir: folder of `*.parquet` shards (+ `manifest.json`).
+        trace_dir: folder of `*.parquet` shards (+ `manifest.json`): a local path or a storage URL
+            (`s3://`, `gs://`, `webdav://`, ...; see `bitnet_kde.storage`).
         vocab_size: student vocabulary size; every id is checked against it.
         source: object with `is_complete(dir)` and `write(dir)` that produces the traces
             (a teacher collector, or the synthetic `BigramTeacher`); None = traces must exist.
@@ -175,7 +176,7 @@ class KDTraceDataModule(pl.LightningDataModule):
             else:
                 log.info("traces not found in %s: writing them with %s", self.trace_dir, type(self.source).__name__)
                 self.source.write(self.trace_dir)
-        elif not (Path(self.trace_dir).is_dir() and list_shards(self.trace_dir)):
+        elif not (storage.exists(self.trace_dir) and list_shards(self.trace_dir)):
             raise FileNotFoundError(
                 f"no trace shards (*.parquet) in {self.trace_dir}: run collection first "
                 "or choose a data config with a source (e.g. data=synthetic)"

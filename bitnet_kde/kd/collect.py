@@ -31,7 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from bitnet_kde.kd.projection import ProjectedRow, project_identity, project_strings
 from bitnet_kde.kd.prompts import Prompt, load_prompts, prompt_set_hash
-from bitnet_kde.kd.traces import manifest_complete, trace_metadata, write_manifest, write_trace_shard
+from bitnet_kde import storage
+from bitnet_kde.kd.traces import (arrow_path, folder_names, manifest_complete, trace_metadata, write_manifest,
+                                   write_trace_shard)
 from bitnet_kde.teachers.base import SamplingConfig, Teacher, TeacherFailure, TeacherSequence
 
 log = logging.getLogger(__name__)
@@ -139,21 +141,23 @@ class TraceCollector:
         p, n = self.prompts, self.chunk_size
         return [p[i:i + n] for i in range(0, len(p), n)]
 
-    def shard_path(self, trace_dir: str | Path, chunk: int) -> Path:
-        return Path(trace_dir) / f"kd-{self.trace_set_id}-{chunk:05d}.parquet"
+    def shard_path(self, trace_dir: str | Path, chunk: int) -> Path | str:
+        """Where chunk `chunk` goes: a `Path` in a local folder, a URL on a remote store."""
+        return storage.join(trace_dir, f"kd-{self.trace_set_id}-{chunk:05d}.parquet")
 
     def is_complete(self, trace_dir: str | Path) -> bool:
         return manifest_complete(trace_dir, self.trace_set_id,
                                  [self.shard_path(trace_dir, c) for c in range(len(self.chunks()))])
 
     # -- collection -------------------------------------------------------------------------
-    def write(self, trace_dir: str | Path) -> list[Path]:
-        """Collect this job's missing chunks into `trace_dir`; write the manifest once all exist."""
-        trace_dir = Path(trace_dir)
-        trace_dir.mkdir(parents=True, exist_ok=True)
+    def write(self, trace_dir: str | Path) -> list[Path | str]:
+        """Collect this job's missing chunks into `trace_dir` (a folder or storage URL); write the
+        manifest once all exist."""
+        storage.makedirs(trace_dir)
         chunks = self.chunks()
         mine = [c for c in range(len(chunks)) if c % self.num_shards == self.shard_index]
-        todo = [c for c in mine if not self.shard_path(trace_dir, c).exists()]
+        present = folder_names(trace_dir)
+        todo = [c for c in mine if storage.name_of(self.shard_path(trace_dir, c)) not in present]
         log.info("trace set %s: %d chunks, %d for this job, %d to collect", self.trace_set_id, len(chunks),
                  len(mine), len(todo))
         if todo:
@@ -161,7 +165,8 @@ class TraceCollector:
             teacher.check_kd()
             self._collect(teacher, trace_dir, [(c, chunks[c]) for c in todo])
         shards = [self.shard_path(trace_dir, c) for c in range(len(chunks))]
-        if all(s.exists() for s in shards):
+        present = folder_names(trace_dir)
+        if all(storage.name_of(s) in present for s in shards):
             failures = [f for s in shards for f in shard_failures(s)]
             write_manifest(trace_dir, shards, {
                 "trace_set": self.trace_set_id, "teacher": self.teacher_identity(),
@@ -172,7 +177,7 @@ class TraceCollector:
             log.info("trace set %s: waiting for other jobs' shards", self.trace_set_id)
         return shards
 
-    def _collect(self, teacher: Teacher, trace_dir: Path, work: list[tuple[int, list[Prompt]]]) -> None:
+    def _collect(self, teacher: Teacher, trace_dir: str | Path, work: list[tuple[int, list[Prompt]]]) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         identity = teacher.token_ids_match(self.tokenizer) if hasattr(teacher, "token_ids_match") else False
@@ -238,7 +243,8 @@ class TraceCollector:
         return row
 
 
-def shard_failures(path: Path) -> list[dict]:
+def shard_failures(path: Path | str) -> list[dict]:
     """The failed prompts recorded in a shard's metadata."""
-    meta = pq.read_schema(path).metadata or {}
+    src, fs = arrow_path(path)
+    meta = pq.read_schema(src, filesystem=fs).metadata or {}
     return json.loads(meta.get(b"bitnet_kde.failures", b"[]"))

@@ -11,6 +11,7 @@ Sources accepted by `load_prompts(source)`:
 | `None` | the shipped set `DEFAULT_PROMPTS` (441 prompts, 7 categories, fixed 80/10/10 splits) |
 | path to a `.jsonl` file (or `.json` holding JSON lines or one JSON array of objects) | `json` |
 | path to a `.parquet` file | `pyarrow.parquet` |
+| storage URL of such a file (`s3://`, `gs://`, `az://`, `webdav://`, `file://`) | `bitnet_kde.storage`, then as above |
 | path to an existing directory | `datasets.load_dataset(dir)` (format inferred from the files) |
 | `"json:<files>"`, `"parquet:<files>"`, `"csv:<files>"` (path or glob) | `load_dataset(builder, data_files=files)` |
 | `"hf:<name>"`, or any other string that is not a local path | `datasets.load_dataset(name)` (Hub; network) |
@@ -33,6 +34,7 @@ problem (missing file, bad JSON line, missing or empty prompt, duplicate ids) ra
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -117,15 +119,16 @@ def _read_json_text(text: str, name: str, suffix: str) -> Iterator[tuple[str, An
     yield from _read_json_lines(text, name)
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+def _read_parquet(path: Path | io.BytesIO, name: str | None = None) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
+    path_name = name or path
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for unreadable files
-        raise PromptLoadError(f"{path}: cannot read as Parquet ({e}); check that it is a Parquet file.") from e
+        raise PromptLoadError(f"{path_name}: cannot read as Parquet ({e}); check that it is a Parquet file.") from e
     for i, row in enumerate(table.to_pylist(), start=1):
-        yield f"{path} row {i}", row
+        yield f"{path_name} row {i}", row
 
 
 def _read_datasets(spec: Mapping[str, Any], label: str) -> tuple[Iterator[tuple[str, Any, str | None]], str]:
@@ -153,6 +156,27 @@ def _read_datasets(spec: Mapping[str, Any], label: str) -> tuple[Iterator[tuple[
                 yield f"{label} row {i}", row, None
 
     return rows(), label
+
+
+def _read_url(url: str) -> tuple[Iterator[tuple[str, Any, str | None]], str]:
+    """A prompt file on a store (`s3://.../prompts.jsonl`): fetched through `bitnet_kde.storage`."""
+    from bitnet_kde import storage
+
+    kind = _FILE_SUFFIXES.get(Path(url.split("?", 1)[0]).suffix.lower())
+    if kind is None:
+        raise PromptLoadError(f"{url}: unsupported file type; a prompt URL must end in .jsonl, .json or .parquet")
+    try:
+        with storage.open_url(url, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise PromptLoadError(f"prompt file {url} not found on its store; check the URL") from None
+    if kind == "parquet":
+        return ((w, r, None) for w, r in _read_parquet(io.BytesIO(data), url)), url
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptLoadError(f"{url}: not UTF-8 text ({e}); save the file as UTF-8.") from e
+    return ((w, r, None) for w, r in _read_json_text(text, url, kind)), url
 
 
 def _looks_local(s: str) -> bool:
@@ -188,6 +212,8 @@ def _iter_source(source: Any) -> tuple[Iterator[tuple[str, Any, str | None]], st
 
     was_pathlike = not isinstance(source, str)
     s = os.fspath(source)
+    if re.match(r"^[A-Za-z][\w+.-]*://", s):
+        return _read_url(s)
     path = Path(s).expanduser()
     if path.is_file():
         kind = _FILE_SUFFIXES.get(path.suffix.lower())

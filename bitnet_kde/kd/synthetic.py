@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bitnet_kde import storage
 from bitnet_kde.kd.traces import manifest_complete, trace_metadata, write_manifest, write_trace_shard
 
 CATEGORIES = ("qa", "explain", "json", "list", "code", "math", "rewrite")
@@ -57,10 +58,8 @@ class BigramTeacher:
         logits = torch.randn(self.vocab_size, self.vocab_size, generator=g, dtype=torch.float64) * self.sharpness
         return torch.log_softmax(logits, dim=-1)
 
-    def write(self, trace_dir: str | Path) -> list[Path]:
-        """Generate all sequences and write shards + manifest into `trace_dir`."""
-        trace_dir = Path(trace_dir)
-        trace_dir.mkdir(parents=True, exist_ok=True)
+    def write(self, trace_dir: str | Path) -> list[Path | str]:
+        """Generate all sequences and write shards + manifest into `trace_dir` (folder or storage URL)."""
         lp_table = self.log_probs()
         top_lp, top_ids = lp_table.topk(self.k, dim=-1)
         other = torch.logsumexp(top_lp, dim=-1)
@@ -93,7 +92,8 @@ class BigramTeacher:
                 "teacher_text": " ".join(map(str, seq[n_prompt:])),
             })
             if len(rows) == self.shard_rows or i == self.num_sequences - 1:
-                shards.append(write_trace_shard(rows, trace_dir / f"kd-{self.trace_set_id}-{len(shards):05d}.parquet", meta))
+                name = f"kd-{self.trace_set_id}-{len(shards):05d}.parquet"
+                shards.append(write_trace_shard(rows, storage.join(trace_dir, name), meta))
                 rows = []
         write_manifest(trace_dir, shards, {"trace_set": self.trace_set_id, "teacher": f"{self.provider}/{self.model}",
                                            "settings": self.settings, "failures": {}})

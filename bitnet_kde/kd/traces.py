@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from bitnet_kde import storage
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -75,43 +76,69 @@ def trace_metadata(*, teacher_provider: str, teacher_model: str, k: int, samplin
     return {META_PREFIX + k_: str(v) for k_, v in meta.items()}
 
 
-def write_trace_shard(rows: list[dict] | pa.Table, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """Write rows as one Parquet shard, atomically: a temp file in the same folder, then rename.
+def write_trace_shard(rows: list[dict] | pa.Table, path: str | os.PathLike, metadata: dict[str, str]) -> Path | str:
+    """Write rows as one Parquet shard at `path` (a local path or storage URL), atomically.
 
-    A reader never sees a half-written shard under its final name, even if the writer is killed.
+    The file goes to a hidden temporary name in the same folder and is then renamed (object
+    stores: copied and deleted), so a reader never sees a half-written shard under its final
+    name, even if the writer is killed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
     table = table.cast(TRACE_SCHEMA).replace_schema_metadata(metadata)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with storage.open_atomic(path) as f:
+        pq.write_table(table, f)
+    return storage.join(path) if storage.is_local(path) else os.fspath(path)
+
+
+def arrow_path(path) -> tuple[str, object | None]:
+    """(path, filesystem) for pyarrow: local files natively, others through their fsspec filesystem."""
+    if storage.is_local(path):
+        return storage.local_path(os.fspath(path)), None
+    fs, p = storage.resolve(path)
+    return p, fs
+
+
+def folder_names(trace_dir) -> set[str]:
+    """Names of the visible files in a trace folder (one listing, also for object stores)."""
+    fs, p = storage.resolve(trace_dir)
+    fs.invalidate_cache(p)  # other jobs may have written shards since the last listing
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False)}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
 
 
-def list_shards(trace_dir: str | os.PathLike) -> list[Path]:
+def _read_manifest(trace_dir) -> dict | None:
+    url = storage.join(trace_dir, "manifest.json")
+    try:
+        return storage.read_json(url)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise TraceValidationError(f"{url}: not valid JSON ({e}); delete it and re-run collection") from e
+
+
+def list_shards(trace_dir: str | os.PathLike) -> list[Path | str]:
     """Shard files of a trace folder: those its `manifest.json` lists, else every `*.parquet`.
 
     The manifest wins so that one folder holding an older trace set never mixes it into the
-    current one; a listed shard that is missing is an error, not a silent gap.
+    current one; a listed shard that is missing is an error, not a silent gap. Hidden names
+    (temporary files of unfinished writes) are never returned. Local folders give `Path`s,
+    storage URLs give URL strings.
     """
-    trace_dir = Path(trace_dir)
-    manifest = trace_dir / "manifest.json"
-    if manifest.exists():
-        info = json.loads(manifest.read_text())
+    info = _read_manifest(trace_dir)
+    names = folder_names(trace_dir)
+    if info is not None:
+        manifest = storage.join(trace_dir, "manifest.json")
         if not isinstance(info.get("shards"), list):
             raise TraceValidationError(f"{manifest}: no 'shards' list; delete the manifest or re-run collection")
-        listed = [trace_dir / s["file"] for s in info["shards"]]
-        missing = [p.name for p in listed if not p.exists()]
+        listed = [s["file"] for s in info["shards"]]
+        missing = [n for n in listed if n not in names]
         if missing:
             raise TraceValidationError(f"{manifest}: lists shards that are missing: {missing[:5]}; "
                                        "re-run collection to complete the trace set")
-        return listed
-    return sorted(p for p in trace_dir.glob("*.parquet") if not p.name.startswith("."))
+        return [storage.join(trace_dir, n) for n in listed]
+    return [storage.join(trace_dir, n) for n in sorted(names) if n.endswith(".parquet") and not n.startswith(".")]
 
 
 def read_traces(source, *, vocab_size: int | None = None, k_max: int = 128) -> pa.Table:
@@ -121,22 +148,28 @@ def read_traces(source, *, vocab_size: int | None = None, k_max: int = 128) -> p
     Raises `TraceValidationError` naming the file, row and field of the first problem.
     """
     if isinstance(source, (list, tuple)):
-        files = [Path(f) for f in source]
-    elif Path(source).is_dir():
+        files = list(source)
+    elif _is_dir(source):
         files = list_shards(source)
         if not files:
             raise TraceValidationError(f"{source}: no *.parquet trace shards in this folder")
     else:
-        files = [Path(source)]
+        files = [source]
     tables = [_read_one(f, vocab_size=vocab_size, k_max=k_max) for f in files]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
-def _read_one(path: Path, *, vocab_size: int | None, k_max: int) -> pa.Table:
-    if not path.exists():
+def _is_dir(url) -> bool:
+    fs, p = storage.resolve(url)
+    return fs.isdir(p)
+
+
+def _read_one(path, *, vocab_size: int | None, k_max: int) -> pa.Table:
+    if not storage.exists(path):
         raise TraceValidationError(f"{path}: trace file not found")
     try:
-        table = pq.read_table(path)
+        src, fs = arrow_path(path)
+        table = pq.read_table(src, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as e:
         raise TraceValidationError(
             f"{path}: not a readable Parquet file (truncated or corrupt?): {e}. "
@@ -155,7 +188,7 @@ def _read_one(path: Path, *, vocab_size: int | None, k_max: int) -> pa.Table:
     return table.cast(TRACE_SCHEMA.with_metadata(table.schema.metadata))
 
 
-def _check_types(path: Path, schema: pa.Schema) -> None:
+def _check_types(path, schema: pa.Schema) -> None:
     for field in TRACE_SCHEMA:
         if field.name not in schema.names:
             raise TraceValidationError(f"{path}: missing column '{field.name}' (expected {field.type})")
@@ -294,36 +327,33 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
         fail(int(pos_row[p]), "kd_valid", f"position {p - row_off[pos_row[p]]} is KD-valid but has no candidates")
 
 
-def write_manifest(trace_dir: str | os.PathLike, shards: list[Path], info: dict) -> Path:
+def write_manifest(trace_dir: str | os.PathLike, shards: list, info: dict) -> Path | str:
     """Write `manifest.json` (atomically) listing shards with row counts and sha256 hashes."""
     import hashlib
 
-    trace_dir = Path(trace_dir)
     entries = []
     for shard in shards:
-        digest = hashlib.sha256(Path(shard).read_bytes()).hexdigest()
-        rows = pq.ParquetFile(shard).metadata.num_rows
-        entries.append({"file": Path(shard).name, "rows": rows, "sha256": digest})
+        digest = hashlib.sha256()
+        with storage.open_url(shard, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        src, fs = arrow_path(shard)
+        rows = pq.ParquetFile(src, filesystem=fs).metadata.num_rows
+        entries.append({"file": storage.name_of(shard), "rows": rows, "sha256": digest.hexdigest()})
     manifest = {"schema_version": SCHEMA_VERSION, **info, "shards": entries,
                 "rows": sum(e["rows"] for e in entries)}
-    path = trace_dir / "manifest.json"
-    tmp = path.with_name(f".manifest.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return storage.write_text_atomic(storage.join(trace_dir, "manifest.json"),
+                                     json.dumps(manifest, indent=2, sort_keys=True))
 
 
-def manifest_complete(trace_dir: str | os.PathLike, trace_set_id: str, shards: list[Path] | None = None) -> bool:
+def manifest_complete(trace_dir: str | os.PathLike, trace_set_id: str, shards: list | None = None) -> bool:
     """True when `trace_dir/manifest.json` describes `trace_set_id` and its shards all exist.
 
     `shards` (the files the caller expects) defaults to those the manifest lists.
     """
-    manifest = Path(trace_dir) / "manifest.json"
-    if not manifest.exists():
+    info = _read_manifest(trace_dir)
+    if info is None or info.get("trace_set") != trace_set_id:
         return False
-    info = json.loads(manifest.read_text())
-    if info.get("trace_set") != trace_set_id:
-        return False
-    if shards is None:
-        shards = [Path(trace_dir) / s["file"] for s in info.get("shards", [])]
-    return all(Path(s).exists() for s in shards)
+    wanted = [s["file"] for s in info.get("shards", [])] if shards is None else [storage.name_of(s) for s in shards]
+    names = folder_names(trace_dir)
+    return all(n in names for n in wanted)
