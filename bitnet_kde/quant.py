@@ -144,6 +144,21 @@ def unpack_ternary(packed: torch.Tensor, shape: torch.Size | tuple[int, ...], dt
             f"packed tensor does not match shape {tuple(shape)}: expected 1-D uint8 with "
             f"{(numel + 3) // 4} bytes, got {packed.dtype} {tuple(packed.shape)}"
         )
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & 3
-    return (codes.reshape(-1)[:numel].to(dtype) - 1).reshape(shape)
+    # One table lookup per byte gives its four values directly: a single pass writing the output,
+    # instead of shift / mask / convert / subtract passes and their full-size temporaries (this
+    # runs for every matrix of a packed model on every forward).
+    values = _unpack_table(dtype, packed.device).index_select(0, packed.int())
+    return values.reshape(-1)[:numel].reshape(shape)
+
+
+_UNPACK_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _unpack_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256, 4] table: row b holds the four ternary values packed into byte b."""
+    key = (dtype, device)
+    if key not in _UNPACK_TABLES:
+        byte = torch.arange(256, dtype=torch.int32)
+        codes = (byte[:, None] >> torch.tensor([0, 2, 4, 6], dtype=torch.int32)) & 3
+        _UNPACK_TABLES[key] = (codes - 1).to(device=device, dtype=dtype)
+    return _UNPACK_TABLES[key]

@@ -1,15 +1,207 @@
-"""Loading a trained student for inference: from a Lightning checkpoint (and, later, a packed export)."""
+"""Loading a trained student for inference, and its packed export.
+
+Export layout (one directory, `FORMAT_VERSION` 1):
+
+- `model.safetensors`: per quantized linear layer `<name>.packed` (uint8, four 2-bit ternary
+  codes per byte, code = w + 1, element i of the row-major [out, in] weight at bits 2 * (i % 4)
+  of byte i // 4) and `<name>.scale` (fp32 scalar); the embedding and the RMSNorm weights in
+  fp32. A tied LM head is stored once (as `embed.weight`). No fp32 latent weight is written.
+- `config.json`: the `BitNetConfig` (including `activation_bits`, so an A4 student stays A4),
+  the format name and version, the packing layout and the source checkpoint's file name.
+- tokenizer files (`tokenizer.save_pretrained`) when a tokenizer is given.
+
+Loading builds the model on the `meta` device, swaps in empty `PackedBitLinear` modules and
+assigns the stored tensors, so no full-precision weight is ever allocated.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 
-from bitnet_kde.model.bitnet import BitNetLM
+from bitnet_kde.model.bitnet import BitLinear, BitNetConfig, BitNetLM, PackedBitLinear, rope_tables
+
+FORMAT = "bitnet-kde-packed"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+PACKING = {
+    "bits_per_weight": 2,
+    "code": "w + 1 (0 = -1, 1 = 0, 2 = +1)",
+    "order": "row-major [out_features, in_features]; element i at bits 2*(i%4) of byte i//4",
+    "dequantized_weight": "(code - 1) * scale",
+}
 
 
-def load_student(path: str, map_location: str | torch.device = "cpu") -> BitNetLM:
-    """The student of a Lightning checkpoint, in eval mode, with its saved activation bits (A8/A4)."""
+def is_export_dir(path: str | os.PathLike) -> bool:
+    """True when `path` is a directory written by `export_packed`."""
+    p = Path(path)
+    if not (p.is_dir() and (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()):
+        return False
+    try:
+        return json.loads((p / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def load_student(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BitNetLM:
+    """The student of a Lightning checkpoint or of a packed export directory, in eval mode.
+
+    Either way the model comes back in its saved activation mode (A8 or A4). From a checkpoint
+    it is the training form (fp32 latent weights); from an export it is the packed form.
+    """
+    if is_export_dir(path):
+        return load_packed(path, map_location=map_location)
     from bitnet_kde.training import DistillationModule  # training imports the model package
 
-    module = DistillationModule.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+    module = DistillationModule.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
     return module.model.eval()
+
+
+def packed_skeleton(cfg: BitNetConfig) -> BitNetLM:
+    """`BitNetLM(cfg)` on the meta device with every BitLinear replaced by a meta `PackedBitLinear`.
+
+    Nothing is allocated: callers assign real tensors (a loaded state dict, or freshly generated
+    codes in the dry-run) module by module.
+    """
+    if not cfg.quantize:
+        raise ValueError("a dense model (quantize=False) has no packed ternary form")
+    with torch.device("meta"):
+        model = BitNetLM(cfg)
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, BitLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    PackedBitLinear(layer.in_features, layer.out_features, activation_bits=cfg.activation_bits,
+                                    a4_scale=cfg.a4_scale, device="meta"))
+    return model
+
+
+def set_rope_buffers(model: BitNetLM, device: str | torch.device = "cpu") -> None:
+    """Rebuild the RoPE tables (non-persistent buffers, derived from the config) on `device`."""
+    cfg = model.cfg
+    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+
+
+def packed_state_dict(model: BitNetLM) -> dict[str, torch.Tensor]:
+    """The tensors an export stores: packed codes, scales, embedding, norms; a tied head once."""
+    if not model.is_packed:
+        raise ValueError("pack the model first (BitNetLM.pack())")
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def export_packed(model: BitNetLM, out_dir: str | os.PathLike, tokenizer=None, *,
+                  source: str | os.PathLike | None = None) -> dict:
+    """Write `model` in packed form to `out_dir`; returns a summary (files and byte counts).
+
+    A model in training form is packed on a copy first, so the caller's model is left as is.
+    `source` (the checkpoint it came from) is recorded by file name only.
+    """
+    from safetensors.torch import save_file
+
+    if not model.cfg.quantize:
+        raise ValueError("a dense model (quantize=False) has no packed ternary form to export")
+    if tokenizer is not None and len(tokenizer) > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                         f"{model.cfg.vocab_size}: it cannot embed every token id")
+    packed = model if model.is_packed else _packed_copy(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = packed_state_dict(packed)
+    quantized = {n for n, _ in packed.named_bitlinears()}
+    for name, t in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        # The whole point of the format: a quantized layer contributes its codes and scale only.
+        if owner in quantized and not (leaf == "packed" and t.dtype == torch.uint8
+                                       or leaf == "scale" and t.dtype == torch.float32 and t.dim() == 0):
+            raise AssertionError(f"{name} ({t.dtype}) is not a packed code/scale tensor")
+    _atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={
+        "format": FORMAT, "format_version": str(FORMAT_VERSION)}))
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": packed.cfg.to_dict(),
+        "packing": PACKING,
+        "source_checkpoint": Path(source).name if source is not None else None,
+        "tokenizer": tokenizer is not None,
+    }
+    _atomic(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    sizes = packed.weight_bytes()
+    return {
+        "out_dir": str(out),
+        "files": sorted(p.name for p in out.iterdir() if p.is_file()),
+        "weights_file_bytes": (out / WEIGHTS_FILE).stat().st_size,
+        "ternary_bytes": sizes["ternary"],
+        "other_bytes": sizes["other"],
+        "fp32_weight_bytes": 4 * (packed.num_parameters()
+                                  + sum(m.in_features * m.out_features for m in packed.bitlinears())),
+        "activation_bits": packed.cfg.activation_bits,
+    }
+
+
+def _packed_copy(model: BitNetLM) -> BitNetLM:
+    """A packed model sharing the embedding and norms of `model` (only the codes are new)."""
+    latent_ids = {id(m.weight) for m in model.bitlinears()}
+    copy = packed_skeleton(model.cfg)
+    for name, layer in model.named_modules():
+        if isinstance(layer, BitLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(copy.get_submodule(parent), child, PackedBitLinear.from_bitlinear(layer))
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items()
+             if id(v) not in latent_ids}
+    copy.load_state_dict(state, strict=False, assign=True)
+    if model.cfg.tie_embeddings:
+        copy.lm_head.weight = copy.embed.weight
+    set_rope_buffers(copy, model.embed.weight.device)
+    return copy.eval()
+
+
+def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BitNetLM:
+    """A `BitNetLM` in packed form from an `export_packed` directory (eval mode, saved A8/A4 mode)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path / CONFIG_FILE} is not a {FORMAT} export (format={meta.get('format')!r})")
+    if int(meta.get("format_version", -1)) > FORMAT_VERSION:
+        raise ValueError(f"{path} uses export format version {meta['format_version']}; this version of "
+                         f"bitnet-kde reads up to {FORMAT_VERSION}")
+    cfg = BitNetConfig(**meta["model"])
+    model = packed_skeleton(cfg)
+    device = torch.device(map_location)
+    tensors = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS_FILE} does not match its config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    for name, t in tensors.items():
+        want = model.get_parameter(name) if name.endswith("weight") else model.get_buffer(name)
+        if t.shape != want.shape or t.dtype != want.dtype:
+            raise ValueError(f"{path / WEIGHTS_FILE}: {name} is {t.dtype} {tuple(t.shape)}, "
+                             f"expected {want.dtype} {tuple(want.shape)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    set_rope_buffers(model, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
