@@ -1,0 +1,231 @@
+"""The eval stage: a trained student against its teacher on held-out prompts (SPEC §8).
+
+Steps, each reported in `reports/evaluation.json`:
+
+1. **Data.** The teacher's greedy traces of the held-out split (`test` by default: prompts that
+   are never collected for training), collected once with the same collector as training and
+   reused afterwards (content-addressed, in their own folder).
+2. **Token quality** on the teacher's text: KL(teacher || student) over Top-K+Other, top-1
+   agreement, student perplexity. The student runs in the activation mode saved in its
+   checkpoint (A8 or A4) unless `activation_bits` overrides it.
+3. **Answer quality** from greedy, KV-cached student generations: JSON validity on `json`
+   prompts (teacher's own rate alongside), exact match with the teacher's greedy answer on
+   short-answer prompts.
+4. **Efficiency**: tokens/s of student and teacher decoding the same prompts for the same
+   number of tokens on this machine, one prompt at a time; weight bytes of the packed student
+   and of the teacher as loaded.
+5. **QEI** from the quality metric named in the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bitnet_kde.data.datamodule import TraceDataset, collate_traces
+from bitnet_kde.eval.metrics import (
+    QUALITY_METRICS,
+    TokenTotals,
+    group_totals,
+    json_valid,
+    normalize_answer,
+    qei,
+    token_sums,
+)
+from bitnet_kde.kd.traces import read_traces
+from bitnet_kde.model import BitNetLM, PackedBitLinear
+from bitnet_kde.model.export import load_student
+from bitnet_kde.teachers.base import SamplingConfig, TeacherFailure
+
+log = logging.getLogger(__name__)
+
+
+def find_checkpoint(log_dir: str | Path) -> Path:
+    """The most recently written `last.ckpt` under `log_dir` (the newest training run)."""
+    found = sorted(Path(log_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no checkpoints/last.ckpt under {log_dir}: train first (make train) or pass "
+                                "ckpt_path=<path of a .ckpt file>")
+    return found[-1]
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, counting shared (tied) tensors once."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def machine() -> dict:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
+
+
+def _batches(ds: TraceDataset, batch_size: int):
+    for s in range(0, len(ds), batch_size):
+        idx = list(range(s, min(s + batch_size, len(ds))))
+        yield idx, collate_traces([ds[i] for i in idx])
+
+
+def _prompt_ids(ds: TraceDataset, i: int) -> torch.Tensor:
+    a = ds.row_off[i]
+    return torch.from_numpy(ds.tokens[a:a + ds.completion_start[i]]).unsqueeze(0)
+
+
+def _timed_tokens_per_s(fn, prompts: list, warmup: bool = True) -> tuple[float, int, float]:
+    """Run `fn(prompt) -> tokens produced` over `prompts`; (tokens/s, tokens, seconds)."""
+    if warmup and prompts:
+        fn(prompts[0])
+    tokens, t0 = 0, time.perf_counter()
+    for p in prompts:
+        tokens += fn(p)
+    secs = time.perf_counter() - t0
+    return (tokens / secs if secs > 0 else 0.0), tokens, secs
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Run the eval stage described by an `eval.yaml` config; return the report (a dict)."""
+    if cfg.quality_metric not in QUALITY_METRICS:
+        raise ValueError(f"quality_metric={cfg.quality_metric!r} is not one of {sorted(QUALITY_METRICS)}")
+    if cfg.collection.sampling.temperature != 0:
+        raise ValueError("eval needs the teacher's greedy answers: collection.sampling.temperature must be 0")
+    ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else find_checkpoint(cfg.paths.log_dir)
+    student = load_student(str(ckpt))
+    if cfg.activation_bits:
+        student.set_activation_bits(int(cfg.activation_bits))
+    log.info("student %s (A%d) from %s", student.cfg.d_model, student.activation_bits, ckpt)
+
+    from hydra.utils import instantiate
+
+    collector = instantiate(cfg.collection)
+    trace_dir = str(cfg.trace_dir)
+    if not collector.is_complete(trace_dir):
+        collector.write(trace_dir)
+    table = read_traces(trace_dir, vocab_size=student.cfg.vocab_size)
+    ds = TraceDataset(table, student.cfg.max_seq_len)
+    categories = table.column("category").to_pylist()
+    teacher_text = table.column("teacher_text").to_pylist()
+    prompts = table.column("prompt").to_pylist()
+    tokenizer = collector.tokenizer
+
+    # -- token quality -----------------------------------------------------------------------
+    rows: list[tuple[str, TokenTotals]] = []
+    with torch.no_grad():
+        for idx, batch in _batches(ds, int(cfg.batch_size)):
+            for i, totals in zip(idx, token_sums(student(batch["input_ids"]), batch), strict=True):
+                rows.append((categories[i], totals))
+    per_category = {c: t.as_metrics() for c, t in group_totals(rows).items()}
+
+    # -- answers (packed inference form, KV cache) ----------------------------------------------
+    packed = pack_for_inference(student)
+    eos = tokenizer.eos_token_id
+    answer_cats = set(cfg.json_categories) | set(cfg.exact_match_categories)
+    answers = []
+    for i in range(len(ds)):
+        if cfg.answers_for_all_categories or categories[i] in answer_cats:
+            out = packed.generate(_prompt_ids(ds, i), int(cfg.max_new_tokens), eos_id=eos)[0].tolist()
+            text = tokenizer.decode([t for t in out if t != eos], skip_special_tokens=True)
+            answers.append({"category": categories[i], "prompt": prompts[i], "student": text,
+                            "teacher": teacher_text[i]})
+    _answer_metrics(answers, per_category, cfg)
+
+    # -- efficiency ------------------------------------------------------------------------------
+    speed_rows = list(range(min(int(cfg.speed.prompts), len(ds))))
+    n_new = int(cfg.speed.max_new_tokens)
+
+    def student_run(i):
+        return packed.generate(_prompt_ids(ds, i), n_new).shape[1]  # no EOS: always n_new tokens
+
+    s_tps, s_tok, s_sec = _timed_tokens_per_s(student_run, speed_rows)
+    teacher_info = {"name": None, "weight_bytes": cfg.teacher_weight_bytes, "weight_bytes_source": "config"}
+    t_tps = t_tok = t_sec = None
+    if cfg.speed.measure_teacher:
+        teacher = collector.teacher()
+        teacher_info["name"] = teacher.name
+        sampling = SamplingConfig(max_new_tokens=n_new, temperature=0.0, top_k=1)
+
+        def teacher_run(i):
+            r = teacher.generate([prompts[i]], sampling)[0]
+            if isinstance(r, TeacherFailure):
+                raise RuntimeError(f"teacher {teacher.name} failed while measuring speed: {r.reason}: {r.message}")
+            return r.completion_tokens
+
+        t_tps, t_tok, t_sec = _timed_tokens_per_s(teacher_run, speed_rows)
+        lm = getattr(teacher, "lm", None)
+        if isinstance(lm, torch.nn.Module) and cfg.teacher_weight_bytes is None:
+            teacher_info.update(weight_bytes=module_bytes(lm), weight_bytes_source="parameters and buffers as loaded",
+                                dtype=str(next(lm.parameters()).dtype))
+    student_bytes = packed.weight_bytes()
+    overall = per_category["overall"]
+    q = QUALITY_METRICS[cfg.quality_metric]
+    q_teacher = 1.0 if q.teacher == "self" else overall.get(f"teacher_{q.name}")
+    index = qei(q.name, overall.get(q.name), q_teacher, student_bytes["total"], teacher_info["weight_bytes"],
+                s_tps, t_tps)
+
+    report = {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(ckpt),
+        "student": {"config": student.cfg.to_dict(), "activation_bits": student.activation_bits,
+                    "parameters": student.num_parameters()},
+        "teacher": teacher_info,
+        "data": {"trace_set": collector.trace_set_id, "trace_dir": trace_dir,
+                 "prompts": OmegaConf.to_container(cfg.collection.prompts, resolve=True),
+                 "rows": len(ds), "rows_per_category": dict(Counter(categories)),
+                 "teacher_greedy_max_new_tokens": int(cfg.collection.sampling.max_new_tokens)},
+        "machine": machine(),
+        "metrics": {"overall": overall, "per_category": {c: m for c, m in sorted(per_category.items())
+                                                          if c != "overall"}},
+        "speed": {"prompts": len(speed_rows), "new_tokens_per_prompt": n_new, "batch_size": 1,
+                  "student": {"tokens_per_s": s_tps, "tokens": s_tok, "seconds": s_sec,
+                              "form": "packed ternary, KV cache, weights unpacked once (fp32 matmul)"},
+                  "teacher": {"tokens_per_s": t_tps, "tokens": t_tok, "seconds": t_sec}},
+        "memory": {"student_weight_bytes": student_bytes, "teacher_weight_bytes": teacher_info["weight_bytes"]},
+        "qei": {"quality_metric": q.name, "definition": q.description, "teacher_quality": q.teacher,
+                **{k: v for k, v in index.__dict__.items() if k != "quality_metric"}},
+        "answers": answers[: int(cfg.report_answers)],
+    }
+    return report
+
+
+def pack_for_inference(student: BitNetLM) -> BitNetLM:
+    """A packed copy of the student whose layers keep their unpacked weight after first use."""
+    packed = copy.deepcopy(student).pack().eval()
+    for m in packed.modules():
+        if isinstance(m, PackedBitLinear):
+            m.cache_unpacked = True
+    return packed
+
+
+def _answer_metrics(answers: list[dict], per_category: dict, cfg: DictConfig) -> None:
+    """Add JSON validity and exact match (student, and the teacher's own JSON rate) per category."""
+    groups: dict[str, dict[str, list]] = {}
+    for a in answers:
+        if a["category"] in cfg.json_categories:
+            a["json_valid"] = {"student": json_valid(a["student"]), "teacher": json_valid(a["teacher"])}
+            g = groups.setdefault(a["category"], {})
+            g.setdefault("json_validity", []).append(a["json_valid"]["student"])
+            g.setdefault("teacher_json_validity", []).append(a["json_valid"]["teacher"])
+        if a["category"] in cfg.exact_match_categories:
+            a["exact_match"] = normalize_answer(a["student"]) == normalize_answer(a["teacher"])
+            groups.setdefault(a["category"], {}).setdefault("exact_match", []).append(a["exact_match"])
+    pooled: dict[str, list] = {}
+    for cat, metrics in groups.items():
+        for name, values in metrics.items():
+            per_category.setdefault(cat, {})[name] = sum(values) / len(values)
+            per_category[cat][f"{name}_n"] = len(values)
+            pooled.setdefault(name, []).extend(values)
+    for name, values in pooled.items():
+        per_category["overall"][name] = sum(values) / len(values)
+        per_category["overall"][f"{name}_n"] = len(values)

@@ -1,0 +1,39 @@
+"""Evaluate a trained student against its teacher: `python eval.py [ckpt_path=...] [quality_metric=...]`.
+
+Held-out prompts, teacher-relative quality, speed, weight memory and QEI (docs/EVALUATION.md).
+Writes `reports/evaluation.json`, `reports/evaluation.png` and TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from bitnet_kde.env import load_dotenv_file, teacher_from_env
+from bitnet_kde.eval.evaluate import evaluate
+from bitnet_kde.eval.report import log_tensorboard, plot_quality
+from bitnet_kde.storage import write_bytes_atomic, write_json_atomic
+
+log = logging.getLogger("eval")
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    report = evaluate(cfg)
+    out = write_json_atomic(cfg.report_path, report)
+    write_bytes_atomic(cfg.chart_path, plot_quality(report))
+    log_tensorboard(report, cfg.tensorboard_dir)
+    m, q = report["metrics"]["overall"], report["qei"]
+    log.info("KL %.4f | top-1 %.3f | ppl %.2f | JSON valid %s | exact match %s", m["kl"], m["top1_agreement"],
+             m["perplexity"], m.get("json_validity"), m.get("exact_match"))
+    log.info("QEI[%s] = %s, QEI_speed = %s -> %s", q["quality_metric"], q["qei"], q["qei_speed"], out)
+    return q["qei"]
+
+
+if __name__ == "__main__":
+    load_dotenv_file()
+    sys.argv = teacher_from_env(sys.argv, "TEACHER_PROVIDER")
+    main()
