@@ -23,7 +23,9 @@ Architecture choices (and why):
   `PackedBitLinear` keeps only the 2-bit codes and one scale (the inference / export form) and
   produces bit-identical outputs. `BitNetLM.pack()` swaps one for the other in place.
 - **KV cache for greedy decoding** (`KVCache`, `BitNetLM.generate`): activations are quantized
-  per token, so caching keys and values of earlier tokens gives exactly the recomputed result.
+  per token, so caching keys and values of earlier tokens computes what a full recomputation
+  computes. Only floating-point rounding differs (matmuls of other shapes sum in another order);
+  in fp32 that can move an activation across an A4 level, in float64 the tokens are identical.
 """
 
 from __future__ import annotations
