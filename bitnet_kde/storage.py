@@ -415,7 +415,8 @@ def check_store(url: str | os.PathLike, *, timeout_s: float = 10.0) -> str:
         names = variables(b)
         creds = ", ".join(v for k, v in names.items() if k not in ("endpoint_url", "base_url", "region", "project"))
         where = names.get("endpoint_url") or names.get("base_url")
-        if isinstance(e, PermissionError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(e, PermissionError) or status in (401, 403):
             hint = f"the store refused the credentials: check {creds}"
         else:
             hint = f"check {where + ' (the endpoint), ' if where else ''}the network, and {creds}"
@@ -475,7 +476,7 @@ def _setup(cfg: Mapping, urls) -> list[str]:
             continue
         url = os.fspath(url)
         b = backend_of(url)
-        if b.name != "local" and "://None" in url:
+        if b.name != "local" and url.split("://", 1)[1].split("/", 1)[0] in ("", "None", "null"):
             raise StorageError(f"storage backend '{b.name}': no bucket/container in {url}: set storage.bucket "
                                "(or its variable in .env, see configs/storage/) or paths.root=<url>")
         key = (b.name, url.split("://", 1)[-1].split("/", 1)[0] if b.name != "local" else url)

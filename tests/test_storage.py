@@ -1,0 +1,273 @@
+"""Storage backends for real: a moto S3 server and a wsgidav WebDAV server on 127.0.0.1, the local
+disk, atomic writes under kill -9, and clear errors before any work starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from bitnet_kde import storage
+from bitnet_kde.kd import list_shards, read_traces
+from bitnet_kde.kd.synthetic import BigramTeacher
+from conftest import ROOT
+from storage_servers import S3_KEY_ID, moto_s3, webdav_server
+
+pytest.importorskip("s3fs")
+pytest.importorskip("webdav4")
+
+S3_SECRET = f"s3-secret-{uuid.uuid4().hex}"
+DAV_USER, DAV_PASSWORD = "alice", f"dav-pass-{uuid.uuid4().hex}"
+
+
+def teacher(**kw) -> BigramTeacher:
+    return BigramTeacher(**{"vocab_size": 64, "k": 8, "num_sequences": 40, "completion_len": (8, 16),
+                            "shard_rows": 16, **kw})
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with moto_s3() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """The variables a user puts in .env for an S3-compatible store; returns a fresh bucket name."""
+    env = {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "S3_ENDPOINT_URL": s3_endpoint,
+           "AWS_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return f"bk-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def dav(tmp_path, monkeypatch):
+    """A WebDAV server serving tmp_path/dav; returns that folder (what the server stores)."""
+    served = tmp_path / "dav"
+    served.mkdir()
+    with webdav_server(served, DAV_USER, DAV_PASSWORD) as url:
+        for k, v in {"WEBDAV_URL": url, "WEBDAV_USERNAME": DAV_USER, "WEBDAV_PASSWORD": DAV_PASSWORD}.items():
+            monkeypatch.setenv(k, v)
+        yield served
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def test_local_and_file_urls_write_atomically_and_read_back(tmp_path):
+    out = storage.write_json_atomic(f"file://{tmp_path}/reports/r.json", {"a": [1, 2], "é": "ü"})
+    assert out == tmp_path / "reports" / "r.json"
+    assert storage.read_json(tmp_path / "reports" / "r.json") == {"a": [1, 2], "é": "ü"}
+    assert os.listdir(tmp_path / "reports") == ["r.json"]  # no temporary file left behind
+    storage.write_json_atomic(out, {"b": 1})
+    assert json.loads(out.read_text()) == {"b": 1}
+    assert storage.join("s3://b/p/", "data", "x.parquet") == "s3://b/p/data/x.parquet"
+    assert storage.join(str(tmp_path), "data") == tmp_path / "data"
+
+
+def test_failed_write_keeps_the_old_object_on_every_backend(tmp_path, s3_env, dav):
+    storage.makedirs(f"s3://{s3_env}")
+    for url in (tmp_path / "local" / "r.json", f"s3://{s3_env}/p/r.json", "webdav://p/r.json"):
+        storage.write_json_atomic(url, {"v": 1})
+        with pytest.raises(RuntimeError, match="boom"):
+            with storage.open_atomic(url) as f:
+                f.write(b'{"v": 2, "half')
+                raise RuntimeError("boom")
+        assert storage.read_json(url) == {"v": 1}, url
+        fs, path = storage.resolve(url)
+        parent = path.rsplit("/", 1)[0]
+        fs.invalidate_cache(parent)
+        assert [p.rsplit("/", 1)[-1] for p in fs.ls(parent, detail=False)] == ["r.json"], url
+
+
+def test_unknown_protocol_and_missing_variables_name_what_to_set(monkeypatch):
+    with pytest.raises(storage.StorageError, match="unsupported storage protocol 'ftp'"):
+        storage.resolve("ftp://host/x")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WEBDAV_URL", "WEBDAV_USERNAME", "WEBDAV_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(storage.StorageError, match="'s3'.*AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"):
+        storage.resolve("s3://bucket/x")
+    with pytest.raises(storage.StorageError, match="'webdav'.*WEBDAV_URL, WEBDAV_USERNAME, WEBDAV_PASSWORD"):
+        storage.exists("webdav://x")
+    # a storage config may rename the variables it reads; messages follow the names
+    storage.configure({"backend": "s3", "env": {"key": "MINIO_USER", "secret": "MINIO_PASSWORD"}})
+    try:
+        with pytest.raises(storage.StorageError, match="MINIO_USER, MINIO_PASSWORD"):
+            storage.resolve("s3://bucket/x")
+    finally:
+        storage._env_names.clear()
+
+
+# ------------------------------------------------------------------------------------ S3 and WebDAV
+
+
+def test_traces_round_trip_through_s3(s3_env, tmp_path):
+    url = f"s3://{s3_env}/prefix/data/syn"
+    with pytest.raises(storage.StorageError, match=f"bucket or folder '{s3_env}' does not exist"):
+        storage.check_store(url)
+    storage.makedirs(f"s3://{s3_env}")
+    assert "reachable" in storage.check_store(url)
+    t = teacher()
+    assert not t.is_complete(url)
+    shards = t.write(url)
+    assert shards == list_shards(url) and all(s.startswith(url + "/kd-") for s in shards) and len(shards) == 3
+    assert t.is_complete(url) and not teacher(seed=1).is_complete(url)
+    remote = read_traces(url, vocab_size=64)
+    t.write(tmp_path)
+    assert remote.equals(read_traces(tmp_path, vocab_size=64))
+    manifest = storage.read_json(f"{url}/manifest.json")
+    assert manifest["rows"] == 40 and [s["file"] for s in manifest["shards"]] == [s.rsplit("/", 1)[1] for s in shards]
+
+
+def test_traces_and_reports_round_trip_through_webdav(dav, tmp_path):
+    url = "webdav://proj/data/syn"
+    assert "webdav store" in storage.check_store(url)
+    t = teacher()
+    shards = t.write(url)
+    assert t.is_complete(url) and list_shards(url) == shards
+    table = read_traces(url, vocab_size=64)
+    t.write(tmp_path)
+    assert table.equals(read_traces(tmp_path, vocab_size=64))
+    # the server stored exactly the shards and the manifest: no temporary names left behind
+    assert sorted(p.name for p in (dav / "proj" / "data" / "syn").iterdir()) == \
+        sorted([s.rsplit("/", 1)[1] for s in shards] + ["manifest.json"])
+    storage.write_json_atomic("webdav://proj/reports/baseline.json", {"ok": True})
+    assert json.loads((dav / "proj" / "reports" / "baseline.json").read_text()) == {"ok": True}
+
+
+def test_webdav_wrong_password_is_a_credentials_error(dav, monkeypatch):
+    monkeypatch.setenv("WEBDAV_PASSWORD", "wrong-password")
+    with pytest.raises(storage.StorageError) as e:
+        storage.check_store("webdav://proj")
+    msg = str(e.value)
+    assert "'webdav'" in msg and "refused the credentials" in msg and "WEBDAV_PASSWORD" in msg
+    assert "wrong-password" not in msg and DAV_PASSWORD not in msg
+
+
+# ------------------------------------------------------------------------------------ kill -9 mid-shard
+
+KILLED_WRITER = r"""
+import io, sys, time
+import pyarrow.parquet as pq
+from bitnet_kde.kd.synthetic import BigramTeacher
+
+real, calls = pq.write_table, []
+
+def half_then_hang(table, where, *a, **kw):
+    calls.append(1)
+    if len(calls) == 2:  # the second shard: write half of its bytes, then wait to be killed
+        buf = io.BytesIO()
+        real(table, buf, *a, **kw)
+        where.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        where.flush()
+        print("HALF", flush=True)
+        time.sleep(600)
+    return real(table, where, *a, **kw)
+
+pq.write_table = half_then_hang
+BigramTeacher(vocab_size=64, k=8, num_sequences=40, completion_len=(8, 16), shard_rows=16).write(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("backend", ["local", "s3", "webdav"])
+def test_writer_killed_mid_shard_leaves_nothing_a_reader_accepts(backend, tmp_path, request):
+    if backend == "s3":
+        bucket = request.getfixturevalue("s3_env")
+        storage.makedirs(f"s3://{bucket}")
+        url = f"s3://{bucket}/traces"
+    elif backend == "webdav":
+        request.getfixturevalue("dav")
+        url = "webdav://traces"
+    else:
+        url = str(tmp_path / "traces")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, url], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert proc.stdout.readline().strip() == "HALF", "the writer must reach the middle of shard 2"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    t = teacher()
+    assert not t.is_complete(url)
+    visible = [storage.name_of(s) for s in list_shards(url)]
+    assert visible == [f"kd-{t.trace_set_id}-00000.parquet"]  # shard 1 never got its name
+    assert read_traces(list_shards(url), vocab_size=64).num_rows == 16  # what is visible is whole
+    if backend == "local":  # s3fs and webdav4 buffer a small upload until close: nothing reached the server
+        fs, path = storage.resolve(url)
+        fs.invalidate_cache(path)
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        assert any(n.startswith(".kd-") and n.endswith(".tmp") for n in names), names  # the half shard
+    t.write(url)  # the rerun completes the set
+    assert t.is_complete(url) and read_traces(url, vocab_size=64).num_rows == 40
+
+
+# ------------------------------------------------------------------------------------ entry points
+
+
+def run_entry(args: list[str], cwd, env: dict, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+BLOCK_S3FS = "import runpy, sys; sys.modules['s3fs'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+@pytest.mark.parametrize("case", ["missing_key", "unreachable", "missing_extra", "no_bucket"])
+def test_train_stops_before_any_work_with_a_clear_storage_error(case, tmp_path, s3_env):
+    env = {"OMP_NUM_THREADS": "1"}
+    bucket = [] if case == "no_bucket" else [f"storage.bucket={s3_env}"]
+    train = [str(ROOT / "train.py"), "storage=s3", *bucket, "experiment=smoke", "trainer.max_steps=2"]
+    expect = {"missing_key": ["'s3'", "AWS_SECRET_ACCESS_KEY", ".env"],
+              "unreachable": ["'s3'", "cannot use", "S3_ENDPOINT_URL"],
+              "missing_extra": ["'s3'", "s3fs", "pip install 'bitnet-kde[s3]'"],
+              "no_bucket": ["'s3'", "no bucket", "storage.bucket"]}[case]
+    if case == "missing_key":
+        env["AWS_SECRET_ACCESS_KEY"] = ""
+    elif case == "unreachable":
+        env["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+    elif case == "missing_extra":
+        train = ["-c", BLOCK_S3FS, *train]
+    env["S3_BUCKET"] = ""
+    t0 = time.perf_counter()
+    proc = run_entry(train, tmp_path, env)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert all(e in err for e in expect), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert S3_SECRET not in proc.stdout + err
+    assert not (tmp_path / "data").exists() and not list(tmp_path.rglob("*.ckpt"))  # nothing started
+    assert time.perf_counter() - t0 < 120
+
+
+def test_check_env_lists_missing_variables_masks_values_and_checks_reachability(tmp_path, s3_env):
+    args = ["-m", "bitnet_kde.env", "check", "storage=s3", f"storage.bucket={s3_env}", "teacher=openai"]
+    fake_key = f"sk-fake-{uuid.uuid4().hex}"
+    proc = run_entry(args, tmp_path, {"OPENAI_API_KEY": "", "AWS_SECRET_ACCESS_KEY": ""})
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert "OPENAI_API_KEY is not set" in out and "storage s3: AWS_SECRET_ACCESS_KEY is not set" in out
+    assert "AWS_ACCESS_KEY_ID                set (value hidden)" in out and S3_KEY_ID not in out
+
+    proc = run_entry(args, tmp_path, {"OPENAI_API_KEY": fake_key})  # all set, but the bucket is missing
+    assert proc.returncode == 1 and "does not exist" in proc.stdout
+    proc = run_entry(["-m", "bitnet_kde.env", "ensure_dirs", "storage=s3", f"storage.bucket={s3_env}"], tmp_path, {})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert storage.exists(f"s3://{s3_env}") and (tmp_path / "logs").is_dir()
+    proc = run_entry(args, tmp_path, {"OPENAI_API_KEY": fake_key})
+    assert proc.returncode == 0, proc.stdout
+    assert "reachable" in proc.stdout and "yes: s3 store" in proc.stdout
+    assert fake_key not in proc.stdout + proc.stderr and S3_SECRET not in proc.stdout + proc.stderr
