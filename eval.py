@@ -12,19 +12,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from bitnet_kde.env import load_dotenv_file, teacher_from_env
+from bitnet_kde import storage
+from bitnet_kde.env import group_from_env, load_dotenv_file, teacher_from_env
 from bitnet_kde.eval.evaluate import evaluate
 from bitnet_kde.eval.report import log_tensorboard, plot_quality
-from bitnet_kde.storage import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger("eval")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
+    storage.setup(cfg, cfg.trace_dir, cfg.report_path, cfg.ckpt_path, exit_on_error=True)
     report = evaluate(cfg)
-    out = write_json_atomic(cfg.report_path, report)
-    write_bytes_atomic(cfg.chart_path, plot_quality(report))
+    out = storage.write_json_atomic(cfg.report_path, report)
+    storage.write_bytes_atomic(cfg.chart_path, plot_quality(report))
     log_tensorboard(report, cfg.tensorboard_dir)
     m, q = report["metrics"]["overall"], report["qei"]
     log.info("KL %.4f | top-1 %.3f | ppl %.2f | JSON valid %s | exact match %s", m["kl"], m["top1_agreement"],
@@ -35,5 +36,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     load_dotenv_file()
-    sys.argv = teacher_from_env(sys.argv, "TEACHER_PROVIDER")
+    sys.argv = group_from_env(teacher_from_env(sys.argv, "TEACHER_PROVIDER"), "STORAGE", "storage")
     main()

@@ -149,11 +149,15 @@ def evaluate(cfg: DictConfig) -> dict:
         return packed.generate(_prompt_ids(ds, i), n_new).shape[1]  # no EOS: always n_new tokens
 
     s_tps, s_tok, s_sec = _timed_tokens_per_s(student_run, speed_rows)
-    teacher_info = {"name": None, "weight_bytes": cfg.teacher_weight_bytes, "weight_bytes_source": "config"}
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    traced_by = f"{meta.get('bitnet_kde.teacher_provider', '?')}/{meta.get('bitnet_kde.teacher_model', '?')}"
+    teacher_info = {"name": traced_by, "weight_bytes": cfg.teacher_weight_bytes,
+                    "weight_bytes_source": "config" if cfg.teacher_weight_bytes is not None else None}
     t_tps = t_tok = t_sec = None
-    if cfg.speed.measure_teacher:
+    if cfg.speed.teacher_tokens_per_s is not None:
+        t_tps = float(cfg.speed.teacher_tokens_per_s)
+    elif cfg.speed.measure_teacher:
         teacher = collector.teacher()
-        teacher_info["name"] = teacher.name
         sampling = SamplingConfig(max_new_tokens=n_new, temperature=0.0, top_k=1)
 
         def teacher_run(i):
@@ -190,7 +194,9 @@ def evaluate(cfg: DictConfig) -> dict:
         "speed": {"prompts": len(speed_rows), "new_tokens_per_prompt": n_new, "batch_size": 1,
                   "student": {"tokens_per_s": s_tps, "tokens": s_tok, "seconds": s_sec,
                               "form": "packed ternary, KV cache, weights unpacked once (fp32 matmul)"},
-                  "teacher": {"tokens_per_s": t_tps, "tokens": t_tok, "seconds": t_sec}},
+                  "teacher": {"tokens_per_s": t_tps, "tokens": t_tok, "seconds": t_sec,
+                              "source": "config" if cfg.speed.teacher_tokens_per_s is not None else
+                              "measured" if t_tps is not None else None}},
         "memory": {"student_weight_bytes": student_bytes, "teacher_weight_bytes": teacher_info["weight_bytes"]},
         "qei": {"quality_metric": q.name, "definition": q.description, "teacher_quality": q.teacher,
                 **{k: v for k, v in index.__dict__.items() if k != "quality_metric"}},
