@@ -56,8 +56,8 @@ collect: install ensure_dirs ## collect Top-K + Other traces from the teacher ->
 eval: ## [not yet available] student vs teacher quality, speed, memory, QEI -> reports/evaluation.json
 	$(not_yet)
 
-dryrun: ## [not yet available] 7B student forward pass and memory plan -> reports/dryrun_7b.json
-	$(not_yet)
+dryrun: install ensure_dirs ## 7B student: exact size, memory plan, packed forward at A8/A4 -> reports/dryrun_7b.json
+	$(PY) dryrun.py $(ARGS)
 
 bench: install ## benchmark training throughput: quantized vs dense student (see docs/BENCHMARKS.md)
 	$(PY) scripts/bench_train.py $(ARGS)

@@ -1,0 +1,1 @@
+"""Evaluation of trained students and the 7B memory dry-run."""
