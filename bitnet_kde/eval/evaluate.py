@@ -101,8 +101,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"quality_metric={cfg.quality_metric!r} is not one of {sorted(QUALITY_METRICS)}")
     if cfg.collection.sampling.temperature != 0:
         raise ValueError("eval needs the teacher's greedy answers: collection.sampling.temperature must be 0")
-    ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else find_checkpoint(cfg.paths.log_dir)
-    student = load_student(str(ckpt))
+    ckpt = str(cfg.ckpt_path or find_checkpoint(cfg.paths.log_dir))  # a str: may be a storage URL
+    student = load_student(ckpt)
     if cfg.activation_bits:
         student.set_activation_bits(int(cfg.activation_bits))
     log.info("student %s (A%d) from %s", student.cfg.d_model, student.activation_bits, ckpt)
@@ -180,7 +180,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     report = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": str(ckpt),
+        "checkpoint": ckpt,
         "student": {"config": student.cfg.to_dict(), "activation_bits": student.activation_bits,
                     "parameters": student.num_parameters()},
         "teacher": teacher_info,

@@ -57,7 +57,7 @@ def load_student(path: str | os.PathLike, map_location: str | torch.device = "cp
         return load_packed(path, map_location=map_location)
     from bitnet_kde.training import DistillationModule  # training imports the model package
 
-    module = DistillationModule.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
+    module = DistillationModule.load_from_checkpoint(str(path), map_location=map_location)
     return module.model.eval()
 
 
