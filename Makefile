@@ -41,20 +41,14 @@ test-all: install ## run every test
 train: install ensure_dirs ## train the student (ARGS="model=tiny trainer.max_steps=50" for Hydra overrides)
 	$(PY) train.py $(ARGS)
 
-define not_yet
-	@echo "make $@: this stage is not available yet in this version of bitnet-kde." >&2
-	@echo "Available now: make teacher, make collect, make train, make test, make bench." >&2
-	@exit 1
-endef
-
 teacher: install ensure_dirs ## teacher baseline: greedy answers, latency, tokens/s -> reports/teacher_baseline.json
 	$(PY) teacher_baseline.py $(ARGS)
 
 collect: install ensure_dirs ## collect Top-K + Other traces from the teacher -> data/kd-*.parquet + manifest.json
 	$(PY) collect.py $(ARGS)
 
-eval: ## [not yet available] student vs teacher quality, speed, memory, QEI -> reports/evaluation.json
-	$(not_yet)
+eval: install ensure_dirs ## student vs teacher on held-out prompts: quality, speed, memory, QEI -> reports/evaluation.json
+	$(PY) eval.py $(ARGS)
 
 dryrun: install ensure_dirs ## 7B student: exact size, memory plan, packed forward at A8/A4 -> reports/dryrun_7b.json
 	$(PY) dryrun.py $(ARGS)
