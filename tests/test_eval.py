@@ -216,3 +216,19 @@ def test_eval_options_quality_metric_and_activation_bits(evaluated):
     assert q["quality_metric"] == "json_validity" and q["m_teacher"] == 1000000
     assert q["q_teacher"] == r["metrics"]["overall"]["teacher_json_validity"]
     assert q["qei_speed"] is None and any("tokens/s" in n for n in q["notes"])
+
+
+def test_find_checkpoint_takes_the_newest_run_and_says_what_to_do_without_one(tmp_path):
+    import os
+
+    from bitnet_kde.eval.evaluate import find_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="train first .*ckpt_path="):
+        find_checkpoint(tmp_path / "logs")
+    old = tmp_path / "logs/train/runs/a/checkpoints/last.ckpt"
+    new = tmp_path / "logs/ablation_kd/runs/b/checkpoints/last.ckpt"
+    for i, p in enumerate((new, old)):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"x")
+        os.utime(p, (1000 + i * 10, 1000 + i * 10))
+    assert find_checkpoint(tmp_path / "logs") == old
