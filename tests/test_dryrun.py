@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bitnet_kde.eval.dryrun import (
+    CODE_CHUNK,
     activation_elems_per_token_block,
     count_parameters,
     fill_random_codes,
@@ -124,7 +125,7 @@ def test_activation_formula_matches_saved_tensors():
 
 
 def test_random_codes_are_ternary_and_seeded():
-    buf = torch.empty(3 * (1 << 18) + 5, dtype=torch.uint8)  # several chunks and a ragged tail
+    buf = torch.empty(3 * CODE_CHUNK + 5, dtype=torch.uint8)  # several chunks and a ragged tail
     fill_random_codes(buf, torch.Generator().manual_seed(1))
     values = unpack_ternary(buf, (buf.numel() * 4,), dtype=torch.int8)
     counts = torch.bincount((values + 1).long(), minlength=4).double() / values.numel()

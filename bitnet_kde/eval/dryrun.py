@@ -24,6 +24,7 @@ import os
 import platform
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -35,8 +36,8 @@ from bitnet_kde.model.bitnet import BitLinear, BitNetConfig, BitNetLM, PackedBit
 from bitnet_kde.model.export import packed_skeleton, set_rope_buffers
 
 log = logging.getLogger(__name__)
-CODE_CHUNK = 1 << 18
-"""Bytes of random codes generated per step: small enough to stay in cache, no large temporaries."""
+CODE_CHUNK = 1 << 20
+"""Bytes of random codes generated per step: cache-sized, no large temporaries."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +161,27 @@ def fill_random_codes(packed: torch.Tensor, generator: torch.Generator) -> None:
     """
     n = packed.numel()
     tmp = torch.empty(CODE_CHUNK, dtype=torch.uint8, device=packed.device)
+    with _single_thread(packed.device):
+        _fill(packed, tmp, n, generator)
+
+
+@contextmanager
+def _single_thread(device: torch.device):
+    """Run many small CPU ops on one thread: each op is ~1 MB, too small to gain from a second
+    thread, and on a busy machine every parallel region waits for a core (measured: minutes
+    instead of seconds for the 7B codes while another job held the CPUs)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fill(packed: torch.Tensor, tmp: torch.Tensor, n: int, generator: torch.Generator) -> None:
     for start in range(0, n, CODE_CHUNK):
         x = packed[start:start + CODE_CHUNK]
         # 32-bit draws fill four bytes each (4x faster than byte-wise draws); all 2^32 values are uniform
