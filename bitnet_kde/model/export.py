@@ -103,7 +103,9 @@ def export_packed(model: BitNetLM, out_dir: str | os.PathLike, tokenizer=None, *
     A model in training form is packed on a copy first, so the caller's model is left as is.
     `source` (the checkpoint it came from) is recorded by file name only.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from bitnet_kde.storage import write_bytes_atomic, write_text_atomic
 
     if not model.cfg.quantize:
         raise ValueError("a dense model (quantize=False) has no packed ternary form to export")
@@ -121,8 +123,8 @@ def export_packed(model: BitNetLM, out_dir: str | os.PathLike, tokenizer=None, *
         if owner in quantized and not (leaf == "packed" and t.dtype == torch.uint8
                                        or leaf == "scale" and t.dtype == torch.float32 and t.dim() == 0):
             raise AssertionError(f"{name} ({t.dtype}) is not a packed code/scale tensor")
-    _atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={
-        "format": FORMAT, "format_version": str(FORMAT_VERSION)}))
+    write_bytes_atomic(out / WEIGHTS_FILE, save(tensors, metadata={"format": FORMAT,
+                                                                 "format_version": str(FORMAT_VERSION)}))
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -131,7 +133,7 @@ def export_packed(model: BitNetLM, out_dir: str | os.PathLike, tokenizer=None, *
         "source_checkpoint": Path(source).name if source is not None else None,
         "tokenizer": tokenizer is not None,
     }
-    _atomic(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    write_text_atomic(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     sizes = packed.weight_bytes()
@@ -198,10 +200,4 @@ def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
