@@ -206,16 +206,30 @@ def test_eval_qei_speed_memory_and_outputs(evaluated):
 
 def test_eval_options_quality_metric_and_activation_bits(evaluated):
     root, held_out, first = evaluated
-    # traces are reused (no teacher), the teacher's bytes come from config, the metric is JSON validity
-    run_eval(root, *held_out, "activation_bits=8", "quality_metric=json_validity", "speed.measure_teacher=false",
+    # traces are reused (no teacher), the teacher's bytes come from config, Q is exact match
+    run_eval(root, *held_out, "activation_bits=8", "quality_metric=exact_match", "speed.measure_teacher=false",
              "teacher_weight_bytes=1000000", "report_path=${paths.report_dir}/a8.json")
     r = json.loads((root / "reports" / "a8.json").read_text())
     assert r["student"]["activation_bits"] == 8
     assert r["metrics"]["overall"]["kl"] != first["metrics"]["overall"]["kl"]  # A8 and A4 differ
     q = r["qei"]
-    assert q["quality_metric"] == "json_validity" and q["m_teacher"] == 1000000
-    assert q["q_teacher"] == r["metrics"]["overall"]["teacher_json_validity"]
+    assert q["quality_metric"] == "exact_match" and q["q_teacher"] == 1.0 and q["m_teacher"] == 1000000
+    assert q["q_student"] == r["metrics"]["overall"]["exact_match"]
+    assert q["qei"] == pytest.approx(q["q_student"] / (q["m_student"] / 1000000))
     assert q["qei_speed"] is None and any("tokens/s" in n for n in q["notes"])
+    assert r["speed"]["teacher"]["tokens_per_s"] is None
+
+    # Q = JSON validity: the teacher's side is its measured rate on the same prompts
+    run_eval(root, *held_out, "quality_metric=json_validity", "speed.teacher_tokens_per_s=10", "teacher_weight_bytes=1e6",
+             "report_path=${paths.report_dir}/json.json")
+    r = json.loads((root / "reports" / "json.json").read_text())
+    q, overall = r["qei"], r["metrics"]["overall"]
+    assert q["q_teacher"] == overall["teacher_json_validity"] and q["q_student"] == overall["json_validity"]
+    assert r["speed"]["teacher"] == {"tokens_per_s": 10.0, "tokens": None, "seconds": None, "source": "config"}
+    if q["q_teacher"] == 0:
+        assert q["qei"] is None and "teacher json_validity is 0" in q["notes"][0]
+    else:
+        assert q["qei_speed"] == pytest.approx(q["qei"] * q["tps_student"] / 10.0)
 
 
 def test_find_checkpoint_takes_the_newest_run_and_says_what_to_do_without_one(tmp_path):
