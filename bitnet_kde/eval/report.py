@@ -41,7 +41,7 @@ def plot_quality(report: dict) -> bytes:
     ax.bar([i - w / 2 for i in x], [per[c]["top1_agreement"] or 0 for c in cats], w, label="student")
     ax.bar([i + w / 2 for i in x], [1.0] * len(cats), w, label="teacher (itself)", alpha=0.35)
     ax.set_title("top-1 agreement with the teacher")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)  # headroom for the legend above the teacher's bars at 1
 
     ax = axes[1]
     labels, student, teacher = [], [], []
@@ -58,9 +58,9 @@ def plot_quality(report: dict) -> bytes:
     ax.bar([i - w / 2 for i in xa], student, w, label="student")
     ax.bar([i + w / 2 for i in xa], teacher, w, label="teacher", alpha=0.35)
     ax.set_xticks(list(xa), labels)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)
     ax.set_title("answers (greedy)")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper center", ncol=2)
 
     ax = axes[2]
     ax.bar(list(x), [per[c]["kl"] or 0 for c in cats], 0.6, color="tab:red")
@@ -68,7 +68,7 @@ def plot_quality(report: dict) -> bytes:
 
     for ax in (axes[0], axes[2]):
         ax.set_xticks(list(x), cats, rotation=30)
-    axes[0].legend(loc="lower right")
+    axes[0].legend(loc="upper center", ncol=2)
     q = report["qei"]
     fig.suptitle(f"student A{report['student']['activation_bits']} vs {report['teacher']['name'] or 'teacher'}: "
                  f"QEI[{q['quality_metric']}] = {_fmt(q['qei'])}, QEI_speed = {_fmt(q['qei_speed'])}")
