@@ -115,6 +115,8 @@ def storage_lines(cfg) -> tuple[list[str], list[str]]:
     for opt, var in storage.variables(b).items():
         lines.append(f"  {var:<32} {_mark(var)} ({'required' if opt in required else 'optional'})")
     problems += [f"storage {b.name}: {m} is not set" for m in storage.missing_variables(b)]
+    if storage.bucket_problem(root):
+        problems.append(f"storage {b.name}: {storage.bucket_problem(root)}")
     if problems:
         lines.append("  reachable                        not checked (variables missing)")
         return lines, problems

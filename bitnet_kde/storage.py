@@ -463,6 +463,24 @@ def setup(cfg: Mapping, *urls: str | os.PathLike | None, exit_on_error: bool = F
     return lines
 
 
+_BUCKET_SETTING = {
+    "s3": "S3_BUCKET in .env (or storage.bucket=...)",
+    "gcs": "GCS_BUCKET in .env (or storage.bucket=...)",
+    "azure": "AZURE_STORAGE_CONTAINER in .env (or storage.container=...)",
+}
+"""Where each backend's default config reads its bucket or container from (configs/storage/)."""
+
+
+def bucket_problem(url: str | os.PathLike) -> str | None:
+    """What to set when a remote URL has no bucket/container (e.g. `s3://None/...`), else None."""
+    url = os.fspath(url)
+    b = backend_of(url)
+    if b.name == "local" or url.split("://", 1)[1].split("/", 1)[0] not in ("", "None", "null"):
+        return None
+    return (f"no bucket/container in {url}: set {_BUCKET_SETTING.get(b.name, 'storage.bucket')} "
+            "or paths.root=<url>")
+
+
 def _setup(cfg: Mapping, urls) -> list[str]:
     storage_cfg = cfg.get("storage") if hasattr(cfg, "get") else None
     configure(storage_cfg)
@@ -476,9 +494,9 @@ def _setup(cfg: Mapping, urls) -> list[str]:
             continue
         url = os.fspath(url)
         b = backend_of(url)
-        if b.name != "local" and url.split("://", 1)[1].split("/", 1)[0] in ("", "None", "null"):
-            raise StorageError(f"storage backend '{b.name}': no bucket/container in {url}: set storage.bucket "
-                               "(or its variable in .env, see configs/storage/) or paths.root=<url>")
+        problem = bucket_problem(url)
+        if problem:
+            raise StorageError(f"storage backend '{b.name}': {problem}")
         key = (b.name, url.split("://", 1)[-1].split("/", 1)[0] if b.name != "local" else url)
         if key in seen:
             continue

@@ -261,6 +261,11 @@ def test_check_env_lists_missing_variables_masks_values_and_checks_reachability(
     out = proc.stdout
     assert "OPENAI_API_KEY is not set" in out and "storage s3: AWS_SECRET_ACCESS_KEY is not set" in out
     assert "AWS_ACCESS_KEY_ID                set (value hidden)" in out and S3_KEY_ID not in out
+    # with no bucket configured at all, the list also says which variable names it
+    proc = run_entry(["-m", "bitnet_kde.env", "check", "storage=s3"], tmp_path,
+                     {"AWS_SECRET_ACCESS_KEY": "", "S3_BUCKET": ""})
+    assert proc.returncode == 1
+    assert "AWS_SECRET_ACCESS_KEY is not set" in proc.stdout and "set S3_BUCKET in .env" in proc.stdout
 
     proc = run_entry(args, tmp_path, {"OPENAI_API_KEY": fake_key})  # all set, but the bucket is missing
     assert proc.returncode == 1 and "does not exist" in proc.stdout
