@@ -94,8 +94,9 @@ def table(reports: list[dict], command: str) -> str:
         f"{fmt(first['qei']['tps_teacher'], 1)} (measured once, same machine); teacher weight bytes "
         f"{fmt(first['qei']['m_teacher'])}",
         "",
-        "| ablation | eval mode | KL ↓ | top-1 ↑ | ppl ↓ | JSON valid ↑ | exact match ↑ | QEI | QEI_speed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ablation | eval mode | KL ↓ | top-1 ↑ | ppl ↓ | JSON valid ↑ | exact match ↑ | student tok/s | QEI | "
+        "QEI_speed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         m, q = r["metrics"]["overall"], r["qei"]
@@ -103,7 +104,8 @@ def table(reports: list[dict], command: str) -> str:
             f"| {ABLATIONS[r['ablation']['name']]} | A{r['student']['activation_bits']} | {fmt(m['kl'])} | "
             f"{fmt(m['top1_agreement'])} | {fmt(m['perplexity'], 1)} | "
             f"{fmt(m.get('json_validity'))} (teacher {fmt(m.get('teacher_json_validity'))}) | "
-            f"{fmt(m.get('exact_match'))} | {fmt(q['qei'], 2)} | {fmt(q['qei_speed'], 1)} |")
+            f"{fmt(m.get('exact_match'))} | {fmt(q['tps_student'], 1)} | {fmt(q['qei'], 2)} | "
+            f"{fmt(q['qei_speed'], 1)} |")
     cats = sorted(first["metrics"]["per_category"])
     lines += ["", "Top-1 agreement with the teacher per category:", "",
               "| ablation | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
