@@ -19,7 +19,6 @@ Steps, each reported in `reports/evaluation.json`:
 
 from __future__ import annotations
 
-import copy
 import logging
 import platform
 import time
@@ -40,9 +39,9 @@ from bitnet_kde.eval.metrics import (
     qei,
     token_sums,
 )
-from bitnet_kde.kd.traces import read_traces
+from bitnet_kde.kd.traces import read_traces, table_metadata
 from bitnet_kde.model import BitNetLM, PackedBitLinear
-from bitnet_kde.model.export import load_student
+from bitnet_kde.model.export import load_student, packed_copy
 from bitnet_kde.teachers.base import SamplingConfig, TeacherFailure
 
 log = logging.getLogger(__name__)
@@ -153,8 +152,8 @@ def evaluate(cfg: DictConfig) -> dict:
         return packed.generate(_prompt_ids(ds, i), n_new).shape[1]  # no EOS: always n_new tokens
 
     s_tps, s_tok, s_sec = _timed_tokens_per_s(student_run, speed_rows)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    traced_by = f"{meta.get('bitnet_kde.teacher_provider', '?')}/{meta.get('bitnet_kde.teacher_model', '?')}"
+    meta = table_metadata(table)
+    traced_by = f"{meta.get('teacher_provider', '?')}/{meta.get('teacher_model', '?')}"
     teacher_info = {"name": traced_by, "weight_bytes": cfg.teacher_weight_bytes,
                     "weight_bytes_source": "config" if cfg.teacher_weight_bytes is not None else None}
     t_tps = t_tok = t_sec = None
@@ -218,7 +217,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def pack_for_inference(student: BitNetLM) -> BitNetLM:
     """A packed copy of the student whose layers keep their unpacked weight after first use."""
-    packed = copy.deepcopy(student).pack().eval()
+    packed = student if student.is_packed else packed_copy(student)
     for m in packed.modules():
         if isinstance(m, PackedBitLinear):
             m.cache_unpacked = True

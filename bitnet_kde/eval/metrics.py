@@ -19,7 +19,8 @@ import torch
 
 from bitnet_kde.losses import _kd_per_position, _safe_teacher
 
-__all__ = ["TokenTotals", "token_sums", "parse_json_answer", "normalize_answer", "QUALITY_METRICS", "qei"]
+__all__ = ["TokenTotals", "token_sums", "group_totals", "parse_json_answer", "json_valid", "normalize_answer",
+           "QUALITY_METRICS", "QEIResult", "qei"]
 
 
 @dataclass

@@ -23,6 +23,7 @@ __all__ = [
     "TRACE_SCHEMA",
     "TraceValidationError",
     "trace_metadata",
+    "table_metadata",
     "write_trace_shard",
     "read_traces",
     "validate_traces",
@@ -74,6 +75,12 @@ def trace_metadata(*, teacher_provider: str, teacher_model: str, k: int, samplin
     }
     meta.update(extra or {})
     return {META_PREFIX + k_: str(v) for k_, v in meta.items()}
+
+
+def table_metadata(table: pa.Table) -> dict[str, str]:
+    """The bitnet-kde key/value metadata of a trace table, without the key prefix."""
+    raw = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    return {k[len(META_PREFIX):]: v for k, v in raw.items() if k.startswith(META_PREFIX)}
 
 
 def write_trace_shard(rows: list[dict] | pa.Table, path: str | os.PathLike, metadata: dict[str, str]) -> Path | str:
@@ -175,8 +182,7 @@ def _read_one(path, *, vocab_size: int | None, k_max: int) -> pa.Table:
             f"{path}: not a readable Parquet file (truncated or corrupt?): {e}. "
             "Delete it and re-run collection to regenerate it."
         ) from e
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    version = meta.get(META_PREFIX + "schema_version")
+    version = table_metadata(table).get("schema_version")
     if version != SCHEMA_VERSION:
         raise TraceValidationError(
             f"{path}: trace schema version {version!r}, this version of bitnet-kde reads "

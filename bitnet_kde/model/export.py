@@ -112,7 +112,7 @@ def export_packed(model: BitNetLM, out_dir: str | os.PathLike, tokenizer=None, *
     if tokenizer is not None and len(tokenizer) > model.cfg.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
                          f"{model.cfg.vocab_size}: it cannot embed every token id")
-    packed = model if model.is_packed else _packed_copy(model)
+    packed = model if model.is_packed else packed_copy(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = packed_state_dict(packed)
@@ -149,7 +149,7 @@ def export_packed(model: BitNetLM, out_dir: str | os.PathLike, tokenizer=None, *
     }
 
 
-def _packed_copy(model: BitNetLM) -> BitNetLM:
+def packed_copy(model: BitNetLM) -> BitNetLM:
     """A packed model sharing the embedding and norms of `model` (only the codes are new)."""
     latent_ids = {id(m.weight) for m in model.bitlinears()}
     copy = packed_skeleton(model.cfg)
