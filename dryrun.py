@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bitnet_kde import storage
 from bitnet_kde.env import group_from_env, load_dotenv_file
-from bitnet_kde.eval.dryrun import print_report, run_dryrun
+from bitnet_kde.dryrun import print_report, run_dryrun
 
 log = logging.getLogger("dryrun")
 

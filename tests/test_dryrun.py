@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitnet_kde.eval.dryrun import (
-    CODE_CHUNK,
-    activation_elems_per_token_block,
-    count_parameters,
-    fill_random_codes,
-    materialize_packed,
-    memory_plan,
-)
 from bitnet_kde.model import BitLinear, BitNetConfig, BitNetLM, PackedBitLinear
+from bitnet_kde.model.packed import CODE_CHUNK, fill_random_codes, materialize_packed
+from bitnet_kde.model.sizing import activation_elems_per_token_block, count_parameters, memory_plan
 from bitnet_kde.quant import unpack_ternary
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from bitnet_kde.data import KDTraceDataModule
 from bitnet_kde.model import BitLinear, BitNetConfig, BitNetLM, PackedBitLinear
 from bitnet_kde.model.export import FORMAT, export_packed, is_export_dir, load_packed, load_student
+from bitnet_kde.model.packed import pack
 from bitnet_kde.training import ActivationFlip, DistillationModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_packed_model_exports_as_is(tmp_path):
     torch.manual_seed(0)
     model = BitNetLM(BitNetConfig.from_name("tiny", vocab_size=97, tie_embeddings=False)).eval()
     ref = logits(model)
-    model.pack()
+    pack(model)
     export_packed(model, tmp_path)
     loaded = load_packed(tmp_path)
     assert loaded.lm_head.weight is not loaded.embed.weight  # untied heads stay separate

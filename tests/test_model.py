@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_kde.model import BitLinear, BitNetConfig, BitNetLM
+from bitnet_kde.model.packed import pack, packed_copy
+from bitnet_kde.model.sizing import measure_flops_per_token
 from bitnet_kde.quant import quantize_activations, ternary_weight
 
 PROJ_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -345,7 +347,7 @@ def test_packed_form_is_bit_identical(bits):
     with torch.no_grad():
         ref = m(ids)
         n_ternary = sum(layer.weight.numel() for layer in m.bitlinears())
-        m.pack()
+        pack(m)
         out = m(ids)
     assert torch.equal(out, ref)
     assert m.is_packed and not any(isinstance(x, BitLinear) for x in m.modules())
@@ -365,4 +367,55 @@ def test_packed_form_is_bit_identical(bits):
 
 def test_pack_refuses_a_dense_model():
     with pytest.raises(ValueError, match="dense"):
-        tiny(quantize=False).pack()
+        pack(tiny(quantize=False))
+    with pytest.raises(ValueError, match="dense"):
+        packed_copy(tiny(quantize=False))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_packed_copy_leaves_the_model_and_shares_its_embedding(tie):
+    from bitnet_kde.model import PackedBitLinear
+
+    m = tiny(tie_embeddings=tie)
+    m.set_activation_bits(4)
+    ids = torch.randint(0, 97, (2, 13))
+    copy = packed_copy(m)
+    with torch.no_grad():
+        assert torch.equal(copy(ids), m(ids))
+    assert not m.is_packed and copy.is_packed and not copy.training
+    assert all(isinstance(x, PackedBitLinear) and x.activation_bits == 4 for x in copy.bitlinears())
+    assert copy.embed.weight is m.embed.weight and copy.norm.weight is m.norm.weight
+    assert (copy.lm_head.weight is copy.embed.weight) == tie
+    assert not any(t.is_meta for t in [*copy.parameters(), *copy.buffers()])
+
+
+def test_packed_layer_says_when_it_keeps_an_unpacked_weight():
+    layer = pack(tiny()).blocks[0].ffn.down_proj
+    x = torch.randn(1, 3, layer.in_features)
+    layer(x)
+    assert not layer.keeps_unpacked  # unpacked per call, then freed
+    layer.cache_unpacked = True
+    assert layer.keeps_unpacked
+    layer(x)
+    layer.cache_unpacked = False
+    assert layer.keeps_unpacked  # the cached weight is still held
+
+
+def test_config_from_spec_is_a_preset_with_overrides():
+    spec = {"name": "tiny", "vocab_size": 97, "ffn_act": "swiglu"}
+    assert BitNetConfig.from_spec(spec) == BitNetConfig.from_name("tiny", vocab_size=97, ffn_act="swiglu")
+    assert spec == {"name": "tiny", "vocab_size": 97, "ffn_act": "swiglu"}  # the caller's mapping is untouched
+
+
+@pytest.mark.parametrize("name", ["tiny", "mini"])
+def test_flops_per_token_equal_lightnings_count(name):
+    """The torch-only FLOP count gives what Lightning's `measure_flops` gave (the ThroughputMonitor's input)."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    cfg = BitNetConfig.from_name(name)
+    seq_len = min(256, cfg.max_seq_len)
+    with torch.device("meta"):
+        model = BitNetLM(cfg)
+        x = torch.zeros(1, seq_len, dtype=torch.long)
+        expected = measure_flops(model, lambda: model(x), loss_fn=torch.Tensor.sum) / seq_len
+    assert measure_flops_per_token(cfg, seq_len) == expected > 0

@@ -21,7 +21,7 @@ Architecture choices (and why):
   trained student can be exported to it.
 - **Two forms of the same layer.** `BitLinear` keeps fp32 latent weights for training;
   `PackedBitLinear` keeps only the 2-bit codes and one scale (the inference / export form) and
-  produces bit-identical outputs. `BitNetLM.pack()` swaps one for the other in place.
+  produces bit-identical outputs. `bitnet_kde.model.packed` swaps one for the other.
 - **KV cache for greedy decoding** (`KVCache`, `BitNetLM.generate`): activations are quantized
   per token, so caching keys and values of earlier tokens computes what a full recomputation
   computes. Only floating-point rounding differs (matmuls of other shapes sum in another order);
@@ -31,6 +31,7 @@ Architecture choices (and why):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -77,7 +78,7 @@ class BitNetConfig:
     activation_bits: int = 8
     """Activation bits at construction time (8 for A8, 4 after the flip)."""
     a4_scale: str = "absmax"
-    """Activation scale used at 4 bits: `absmax` (SPEC default) or `absmean` (clipped, BitNet a4.8 style)."""
+    """Activation scale used at 4 bits: `absmax` (the default) or `absmean` (clipped, BitNet a4.8 style)."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation."""
 
@@ -107,6 +108,13 @@ class BitNetConfig:
         if unknown:
             raise ValueError(f"unknown BitNetConfig fields {sorted(unknown)}")
         return replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_spec(cls, spec: Mapping) -> "BitNetConfig":
+        """The config of `{"name": preset, **overrides}`: the `model` config group of `train.py`, which
+        a training checkpoint keeps as its `model` hyper-parameter."""
+        spec = dict(spec)
+        return cls.from_name(spec.pop("name"), **spec)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,6 +232,11 @@ class PackedBitLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         return self.packed.numel() + self.scale.numel() * self.scale.element_size()
+
+    @property
+    def keeps_unpacked(self) -> bool:
+        """True when this layer holds a full unpacked weight, or will after its next forward."""
+        return self.cache_unpacked or self._unpacked is not None
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         if self._unpacked is not None and self._unpacked.dtype == dtype:
@@ -421,19 +434,6 @@ class BitNetLM(nn.Module):
     @property
     def is_packed(self) -> bool:
         return any(isinstance(m, PackedBitLinear) for m in self.modules())
-
-    def pack(self) -> "BitNetLM":
-        """Replace every BitLinear by its packed inference form, in place (returns self).
-
-        The fp32 latent weights are freed; logits stay bit-identical to the quantized forward.
-        """
-        if not self.cfg.quantize:
-            raise ValueError("a dense model (quantize=False) has no ternary form to pack")
-        for name, layer in list(self.named_modules()):
-            if isinstance(layer, BitLinear):
-                parent, _, child = name.rpartition(".")
-                setattr(self.get_submodule(parent), child, PackedBitLinear.from_bitlinear(layer))
-        return self
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes held by weights: packed ternary codes + scales, and everything else (embedding, norms)."""

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from bitnet_kde.model.bitnet import BitLinear, BitNetConfig, BitNetLM, PackedBitLinear, rope_tables
+from bitnet_kde.model.bitnet import BitNetConfig, BitNetLM
+from bitnet_kde.model.packed import packed_copy, packed_skeleton, set_rope_buffers
 
 FORMAT = "bitnet-kde-packed"
 FORMAT_VERSION = 1
@@ -61,35 +62,10 @@ def load_student(path: str | os.PathLike, map_location: str | torch.device = "cp
     return module.model.eval()
 
 
-def packed_skeleton(cfg: BitNetConfig) -> BitNetLM:
-    """`BitNetLM(cfg)` on the meta device with every BitLinear replaced by a meta `PackedBitLinear`.
-
-    Nothing is allocated: callers assign real tensors (a loaded state dict, or freshly generated
-    codes in the dry-run) module by module.
-    """
-    if not cfg.quantize:
-        raise ValueError("a dense model (quantize=False) has no packed ternary form")
-    with torch.device("meta"):
-        model = BitNetLM(cfg)
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, BitLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child,
-                    PackedBitLinear(layer.in_features, layer.out_features, activation_bits=cfg.activation_bits,
-                                    a4_scale=cfg.a4_scale, device="meta"))
-    return model
-
-
-def set_rope_buffers(model: BitNetLM, device: str | torch.device = "cpu") -> None:
-    """Rebuild the RoPE tables (non-persistent buffers, derived from the config) on `device`."""
-    cfg = model.cfg
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
-
-
 def packed_state_dict(model: BitNetLM) -> dict[str, torch.Tensor]:
     """The tensors an export stores: packed codes, scales, embedding, norms; a tied head once."""
     if not model.is_packed:
-        raise ValueError("pack the model first (BitNetLM.pack())")
+        raise ValueError("pack the model first (bitnet_kde.model.packed.pack)")
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
@@ -147,23 +123,6 @@ def export_packed(model: BitNetLM, out_dir: str | os.PathLike, tokenizer=None, *
                                   + sum(m.in_features * m.out_features for m in packed.bitlinears())),
         "activation_bits": packed.cfg.activation_bits,
     }
-
-
-def packed_copy(model: BitNetLM) -> BitNetLM:
-    """A packed model sharing the embedding and norms of `model` (only the codes are new)."""
-    latent_ids = {id(m.weight) for m in model.bitlinears()}
-    copy = packed_skeleton(model.cfg)
-    for name, layer in model.named_modules():
-        if isinstance(layer, BitLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(copy.get_submodule(parent), child, PackedBitLinear.from_bitlinear(layer))
-    state = {k: v for k, v in model.state_dict(keep_vars=True).items()
-             if id(v) not in latent_ids}
-    copy.load_state_dict(state, strict=False, assign=True)
-    if model.cfg.tie_embeddings:
-        copy.lm_head.weight = copy.embed.weight
-    set_rope_buffers(copy, model.embed.weight.device)
-    return copy.eval()
 
 
 def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BitNetLM:
