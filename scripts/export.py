@@ -5,7 +5,7 @@
     python scripts/export.py <ckpt> <out_dir> --tokenizer none         # weights and config only
 
 The export keeps the checkpoint's activation mode (A8, or A4 after the flip). Load it with
-`bitnet_kde.model.export.load_student(out_dir)` (the same call that loads a checkpoint).
+`bitnet_kde.checkpoint.load_student(out_dir)` (the same call that loads a checkpoint).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import os
 import sys
 
 import torch
+
+from bitnet_kde.checkpoint import load_student
+from bitnet_kde.export.native import export_packed, load_packed
 
 
 def _mb(n: int) -> str:
@@ -30,8 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="reload the export and compare its logits with the checkpoint's on a random batch")
     args = ap.parse_args(argv)
-
-    from bitnet_kde.model.export import export_packed, load_packed, load_student
 
     model = load_student(args.checkpoint)
     tokenizer = None

@@ -14,8 +14,9 @@ import torch
 from safetensors import safe_open
 
 from bitnet_kde.data import KDTraceDataModule
+from bitnet_kde.checkpoint import load_student
+from bitnet_kde.export.native import FORMAT, export_packed, is_export_dir, load_packed
 from bitnet_kde.model import BitLinear, BitNetConfig, BitNetLM, PackedBitLinear
-from bitnet_kde.model.export import FORMAT, export_packed, is_export_dir, load_packed, load_student
 from bitnet_kde.model.packed import pack
 from bitnet_kde.training import ActivationFlip, DistillationModule
 
@@ -54,6 +55,47 @@ def logits(model: BitNetLM, seed: int = 0) -> torch.Tensor:
 def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
     err = float((out - ref).abs().max())
     assert err <= rel * float(ref.abs().max()), f"max abs diff {err:.3e} vs max |logit| {float(ref.abs().max()):.3e}"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_checkpoint_loads_as_lightning_loads_it(checkpoints, bits):
+    """Without Lightning, `load_student` rebuilds the student `DistillationModule.load_from_checkpoint` gives."""
+    ref = DistillationModule.load_from_checkpoint(str(checkpoints[bits]), map_location="cpu").model.eval()
+    student = load_student(checkpoints[bits])
+    assert isinstance(student, BitNetLM) and not student.training
+    assert student.cfg == ref.cfg and student.activation_bits == ref.activation_bits == bits
+    assert {m.activation_bits for m in student.bitlinears()} == {bits}
+    assert student.lm_head.weight is student.embed.weight
+    ref_state = ref.state_dict()
+    assert all(torch.equal(v, ref_state[k]) for k, v in student.state_dict().items())
+    for seed in (0, 1):
+        assert torch.equal(logits(student, seed), logits(ref, seed))
+
+
+def test_checkpoint_without_a_student_is_refused(checkpoints, tmp_path):
+    ckpt = torch.load(checkpoints[8], weights_only=True)
+    del ckpt["hyper_parameters"]["model"]
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a bitnet-kde training checkpoint"):
+        load_student(tmp_path / "other.ckpt")
+
+
+def test_checkpoint_loads_from_s3(checkpoints, monkeypatch):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from storage_servers import S3_KEY_ID, moto_s3
+
+    from bitnet_kde import storage
+
+    with moto_s3() as endpoint:
+        for k, v in {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": "s3-secret-export-test",
+                     "S3_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        storage.makedirs("s3://bk-export")
+        storage.write_bytes_atomic("s3://bk-export/run/last.ckpt", checkpoints[4].read_bytes())
+        student = load_student("s3://bk-export/run/last.ckpt")
+    assert student.activation_bits == 4
+    assert torch.equal(logits(student), logits(load_student(checkpoints[4])))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

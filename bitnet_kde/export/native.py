@@ -1,4 +1,4 @@
-"""Loading a trained student for inference, and its packed export.
+"""The native export format: a trained student as packed 2-bit ternary weights, its config and tokenizer.
 
 Export layout (one directory, `FORMAT_VERSION` 1):
 
@@ -21,9 +21,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
-from bitnet_kde.model.bitnet import BitNetConfig, BitNetLM
+from bitnet_kde.model import BitNetConfig, BitNetLM
 from bitnet_kde.model.packed import packed_copy, packed_skeleton, set_rope_buffers
+from bitnet_kde.storage import write_bytes_atomic, write_text_atomic
 
 FORMAT = "bitnet-kde-packed"
 FORMAT_VERSION = 1
@@ -48,20 +50,6 @@ def is_export_dir(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_student(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BitNetLM:
-    """The student of a Lightning checkpoint or of a packed export directory, in eval mode.
-
-    Either way the model comes back in its saved activation mode (A8 or A4). From a checkpoint
-    it is the training form (fp32 latent weights); from an export it is the packed form.
-    """
-    if is_export_dir(path):
-        return load_packed(path, map_location=map_location)
-    from bitnet_kde.training import DistillationModule  # training imports the model package
-
-    module = DistillationModule.load_from_checkpoint(str(path), map_location=map_location)
-    return module.model.eval()
-
-
 def packed_state_dict(model: BitNetLM) -> dict[str, torch.Tensor]:
     """The tensors an export stores: packed codes, scales, embedding, norms; a tied head once."""
     if not model.is_packed:
@@ -79,10 +67,6 @@ def export_packed(model: BitNetLM, out_dir: str | os.PathLike, tokenizer=None, *
     A model in training form is packed on a copy first, so the caller's model is left as is.
     `source` (the checkpoint it came from) is recorded by file name only.
     """
-    from safetensors.torch import save
-
-    from bitnet_kde.storage import write_bytes_atomic, write_text_atomic
-
     if not model.cfg.quantize:
         raise ValueError("a dense model (quantize=False) has no packed ternary form to export")
     if tokenizer is not None and len(tokenizer) > model.cfg.vocab_size:
@@ -127,8 +111,6 @@ def export_packed(model: BitNetLM, out_dir: str | os.PathLike, tokenizer=None, *
 
 def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BitNetLM:
     """A `BitNetLM` in packed form from an `export_packed` directory (eval mode, saved A8/A4 mode)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = json.loads((path / CONFIG_FILE).read_text())
     if meta.get("format") != FORMAT:

@@ -1,0 +1,40 @@
+"""Loading a trained student for inference: from a training checkpoint or a native export folder.
+
+A training checkpoint is the file Lightning writes for `train.py` (`last.ckpt`), local or on any
+store `bitnet_kde.storage` reaches. It is read with `torch.load(weights_only=True)`, without
+Lightning: the student is rebuilt from the saved `model` hyper-parameter, as `DistillationModule`
+builds it, and gets the `model.`-prefixed tensors of its state dict and the saved activation mode.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bitnet_kde import storage
+from bitnet_kde.export.native import is_export_dir, load_packed
+from bitnet_kde.model import BitNetConfig, BitNetLM
+
+STUDENT_PREFIX = "model."
+"""Where `DistillationModule` keeps the student, so where its tensors sit in the state dict."""
+
+
+def load_student(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BitNetLM:
+    """The student of a training checkpoint or of a packed export directory, in eval mode.
+
+    Either way the model comes back in its saved activation mode (A8 or A4). From a checkpoint
+    it is the training form (fp32 latent weights); from an export it is the packed form.
+    """
+    if is_export_dir(path):
+        return load_packed(path, map_location=map_location)
+    with storage.open_url(path, "rb") as f:
+        checkpoint = torch.load(f, map_location=map_location, weights_only=True)
+    spec = checkpoint.get("hyper_parameters", {}).get("model")
+    if spec is None:
+        raise ValueError(f"{path}: not a bitnet-kde training checkpoint (no 'model' hyper-parameter)")
+    model = BitNetLM(BitNetConfig.from_spec(spec))
+    state = {k[len(STUDENT_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
+    model.load_state_dict(state)
+    model.set_activation_bits(int(checkpoint.get("activation_bits", 8)))
+    return model.to(map_location).eval()

@@ -1,0 +1,1 @@
+"""File formats a trained student is written in: `native` (packed ternary safetensors + config)."""
