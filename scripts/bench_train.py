@@ -22,7 +22,7 @@ import torch
 
 from bitnet_kde.losses import DistillationLoss, LossConfig
 from bitnet_kde.model import BitNetConfig, BitNetLM
-from bitnet_kde.training.module import measure_flops_per_token
+from bitnet_kde.model.sizing import measure_flops_per_token
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_train
+from conftest import ROOT, run_train
 
 SMOKE = ("experiment=smoke", "data.source.num_sequences=64", "trainer.val_check_interval=5")
 
@@ -99,8 +99,6 @@ def test_bad_trace_file_stops_training_with_a_clear_error(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
-
     bad = tmp_path / "traces"
     bad.mkdir()
     (bad / "kd-0.parquet").write_bytes(b"PAR1 this is not parquet")
@@ -147,3 +145,17 @@ def test_ddp_through_train_py_counts_tokens_of_both_ranks(tmp_path):
     state = flip_state(ckpt)
     assert state["tokens_seen"] == dm.train_tokens_per_epoch()
     assert state["flipped"]  # the budget is exactly one epoch of both ranks' tokens
+
+
+def test_optim_yaml_lists_the_optimconfig_defaults():
+    """`configs/optim/adamw.yaml` (what `python train.py` runs with) holds exactly `OptimConfig`'s defaults,
+    so a module built without an optim config trains as `train.py` does."""
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from bitnet_kde.training import OptimConfig
+
+    yaml = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "optim" / "adamw.yaml"))
+    defaults = asdict(OptimConfig())
+    assert yaml == {**defaults, "betas": list(defaults["betas"])}

@@ -2,7 +2,7 @@
 
 from bitnet_kde.training.callbacks import HparamsMetrics, QuantStats, batch_size, batch_tokens
 from bitnet_kde.training.flip import ActivationFlip
-from bitnet_kde.training.module import DistillationModule, warmup_cosine
+from bitnet_kde.training.module import DistillationModule, OptimConfig, warmup_cosine
 
-__all__ = ["ActivationFlip", "DistillationModule", "HparamsMetrics", "QuantStats", "batch_size", "batch_tokens",
-           "warmup_cosine"]
+__all__ = ["ActivationFlip", "DistillationModule", "HparamsMetrics", "OptimConfig", "QuantStats", "batch_size",
+           "batch_tokens", "warmup_cosine"]

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.throughput import measure_flops
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from bitnet_kde.losses import DistillationLoss, LossConfig
 from bitnet_kde.model import BitNetConfig, BitNetLM
+from bitnet_kde.model.sizing import measure_flops_per_token
 
 LOGGED = ("kd", "ce", "format", "top1_agree")
 
@@ -23,33 +24,41 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def measure_flops_per_token(cfg: BitNetConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token of a [1, seq_len] batch, measured on meta."""
-    with torch.device("meta"):
-        model = BitNetLM(cfg)
-        x = torch.zeros(1, seq_len, dtype=torch.long)
-        flops = measure_flops(model, lambda: model(x), loss_fn=torch.Tensor.sum)
-    return flops / seq_len
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule; `configs/optim/adamw.yaml` lists the same keys with the same values."""
+
+    lr: float = 3.0e-3
+    """Peak learning rate, reached at the end of the warm-up."""
+    weight_decay: float = 0.1
+    """AdamW weight decay of the matrices inside the blocks; norms and the embedding do not decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW coefficients of the running averages of the gradient and of its square."""
+    eps: float = 1.0e-8
+    """AdamW term added to the denominator for numerical stability."""
+    warmup_steps: int = 50
+    """Steps of linear LR warm-up from 0 (capped below the run's total steps)."""
+    min_lr_ratio: float = 0.1
+    """Final LR of the cosine decay, as a fraction of `lr`."""
+    quant_warmup_steps: int = 0
+    """Steps over which quantization blends in from full precision (0 = quantized from step 0)."""
 
 
 class DistillationModule(pl.LightningModule):
     """Student + losses + optimizer. Hydra passes plain dicts so checkpoints reload anywhere.
 
     Args:
-        model: `BitNetConfig.from_name` arguments, e.g. `{"name": "mini", "vocab_size": 49152}`.
+        model: `BitNetConfig.from_spec` mapping, e.g. `{"name": "mini", "vocab_size": 49152}`.
         loss: `LossConfig` fields.
-        optim: `lr`, `weight_decay`, `betas`, `eps`, `warmup_steps`, `min_lr_ratio`,
-            `quant_warmup_steps` (steps over which quantization blends in from full precision; 0 = off).
+        optim: `OptimConfig` fields.
     """
 
     def __init__(self, model: dict, loss: dict | None = None, optim: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
-        model = dict(model)
-        self.model = BitNetLM(BitNetConfig.from_name(model.pop("name"), **model))
+        self.model = BitNetLM(BitNetConfig.from_spec(model))
         self.loss_fn = DistillationLoss(LossConfig(**(loss or {})))
-        self.optim_cfg = {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8,
-                          "warmup_steps": 100, "min_lr_ratio": 0.1, "quant_warmup_steps": 0, **(optim or {})}
+        self.optim_cfg = OptimConfig(**(optim or {}))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -70,7 +79,7 @@ class DistillationModule(pl.LightningModule):
         return out["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        steps = self.optim_cfg["quant_warmup_steps"]
+        steps = self.optim_cfg.quant_warmup_steps
         if steps:
             self.model.set_quant_lambda(self.global_step / steps)
         self.flops_per_batch = int(self.flops_per_token * batch["input_ids"].numel())
@@ -87,12 +96,12 @@ class DistillationModule(pl.LightningModule):
                 continue
             # Matrices inside the blocks decay; norms and the (tied) embedding do not.
             (decay if p.dim() >= 2 and not name.startswith(("embed", "lm_head")) else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg["weight_decay"], "name": "decay"},
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
                   {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-        opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(int(cfg["warmup_steps"]), max(total - 1, 1))
-        sched = LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, cfg["min_lr_ratio"]))
+        warmup = min(int(cfg.warmup_steps), max(total - 1, 1))
+        sched = LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, cfg.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # The activation mode is part of the model's state: eval and export read it from here.
