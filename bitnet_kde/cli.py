@@ -20,7 +20,7 @@ OLD_PROVIDER_VARIABLE = "PROVIDER"
 """The teacher baseline's former name for it, still read there while TEACHER_PROVIDER is unset."""
 
 
-def teacher_variable(accept_old_provider: bool = False) -> str:
+def _teacher_variable(accept_old_provider: bool = False) -> str:
     """The variable that picks the teacher: TEACHER_PROVIDER, or, when asked and only that is
     set, the deprecated PROVIDER (with a one-line warning on stderr)."""
     if accept_old_provider and not os.environ.get(TEACHER_VARIABLE, "").strip() \
@@ -34,7 +34,7 @@ def hydra_argv(argv: list[str], *, teacher: bool = True, accept_old_provider: bo
     """`argv` plus `teacher=$TEACHER_PROVIDER` (stages with a teacher) and `storage=$STORAGE`,
     each unless the command line already chooses that group."""
     if teacher:
-        argv = teacher_from_env(argv, teacher_variable(accept_old_provider))
+        argv = teacher_from_env(argv, _teacher_variable(accept_old_provider))
     return group_from_env(argv, "STORAGE", "storage")
 
 

@@ -24,7 +24,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -40,6 +39,7 @@ from bitnet_kde.eval.metrics import (
     qei,
     token_sums,
 )
+from bitnet_kde.kd.collect import TraceCollector
 from bitnet_kde.kd.traces import read_traces, table_metadata
 from bitnet_kde.model import BitNetLM, PackedBitLinear
 from bitnet_kde.model.export import load_student, packed_copy
@@ -119,8 +119,8 @@ def load_eval_student(cfg: DictConfig) -> tuple[str, BitNetLM]:
 class HeldOut:
     """The teacher's greedy traces of the held-out prompts, row-aligned with the dataset."""
 
-    collector: Any
-    """The `TraceCollector` that wrote them: its tokenizer, trace-set id and teacher."""
+    collector: TraceCollector
+    """The collector that wrote them: its student tokenizer, trace-set id and teacher."""
     trace_dir: str
     ds: TraceDataset
     categories: list[str]
