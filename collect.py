@@ -8,14 +8,12 @@ Rerunning completes an interrupted collection; a complete set is left as it is.
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from bitnet_kde import storage
-from bitnet_kde.env import group_from_env, load_dotenv_file, teacher_from_env
+from bitnet_kde import cli, storage
 
 log = logging.getLogger("collect")
 
@@ -36,6 +34,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    load_dotenv_file()
-    sys.argv = group_from_env(teacher_from_env(sys.argv, "TEACHER_PROVIDER"), "STORAGE", "storage")
-    main()
+    cli.run(main)

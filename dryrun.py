@@ -2,7 +2,7 @@
 
 Builds the student on the meta device for its exact parameter count and an analytic memory plan
 (packed and bf16 inference, training per GPU under FSDP), then materializes it directly in packed
-ternary form, block by block, and runs a real forward pass at A8 and at A4 (SPEC §9).
+ternary form, block by block, and runs a real forward pass at A8 and at A4 (docs/BENCHMARKS.md).
 
     python dryrun.py                          # the 7b preset, [1, 128] batch, CPU or the GPU
     python dryrun.py model.n_layers=2         # 7b widths, 2 blocks: seconds
@@ -18,8 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bitnet_kde import storage
-from bitnet_kde.env import group_from_env, load_dotenv_file
+from bitnet_kde import cli, storage
 from bitnet_kde.dryrun import print_report, run_dryrun
 
 log = logging.getLogger("dryrun")
@@ -40,6 +39,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    load_dotenv_file()
-    sys.argv = group_from_env(sys.argv, "STORAGE", "storage")
-    main()
+    cli.run(main, teacher=False)

@@ -7,13 +7,11 @@ Writes `reports/evaluation.json`, `reports/evaluation.png` and TensorBoard scala
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from bitnet_kde import storage
-from bitnet_kde.env import group_from_env, load_dotenv_file, teacher_from_env
+from bitnet_kde import cli, storage
 from bitnet_kde.eval.evaluate import evaluate
 from bitnet_kde.eval.report import log_tensorboard, plot_quality
 
@@ -35,6 +33,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    load_dotenv_file()
-    sys.argv = group_from_env(teacher_from_env(sys.argv, "TEACHER_PROVIDER"), "STORAGE", "storage")
-    main()
+    cli.run(main)

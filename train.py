@@ -8,15 +8,13 @@ module, callbacks, loggers and trainer from it, and the return value (the metric
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bitnet_kde import storage
-from bitnet_kde.env import group_from_env, load_dotenv_file, teacher_from_env
+from bitnet_kde import cli, storage
 from bitnet_kde.training import DistillationModule
 
 log = logging.getLogger("train")
@@ -61,6 +59,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    load_dotenv_file()
-    sys.argv = group_from_env(teacher_from_env(sys.argv, "TEACHER_PROVIDER"), "STORAGE", "storage")
-    main()
+    cli.run(main)

@@ -18,12 +18,10 @@ model fits, runs, and how far A4 moves its output distribution from A8 for the s
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import resource
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from bitnet_kde.model import BitNetConfig, BitNetLM
 from bitnet_kde.model.packed import materialize_packed
 from bitnet_kde.model.sizing import count_parameters, memory_plan
+from bitnet_kde.runinfo import run_info
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +159,7 @@ def run_dryrun(model: dict, *, seq_len: int = 128, batch_size: int = 1, seed: in
         peak["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(dev)
 
     return {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-        },
+        **run_info(dev),
         "model": cfg.to_dict(),
         "parameters": counts,
         "memory_plan": mem,

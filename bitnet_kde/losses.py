@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["kd_topk_other_loss", "DistillationLoss", "LossConfig"]
+__all__ = ["kd_per_position", "kd_topk_other_loss", "DistillationLoss", "LossConfig"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,7 +49,7 @@ def _student_tail(z, lse, s_k, topk_ids) -> torch.Tensor:
     return tail
 
 
-def _kd_per_position(z, topk_ids, topk_lp, other_lp, tau: float, other: str, lse=None) -> torch.Tensor:
+def _bucket_kl(z, topk_ids, topk_lp, other_lp, tau: float, other: str, lse=None) -> torch.Tensor:
     """KL(teacher || student) over the K+1 buckets for each row of z [N, V].
 
     Expects sanitized teacher tensors (see `_safe_teacher`): padded slots hold logprob -inf
@@ -103,6 +103,23 @@ def _safe_teacher(topk_ids, topk_lp, other_lp, mask, vocab_size):
     return ids, lp, olp
 
 
+def kd_per_position(logits, topk_ids, topk_logprobs, other_logprob, mask, tau: float = 1.0,
+                    other: str = "bucket", lse=None) -> torch.Tensor:
+    """KL(teacher || student) over {top-K, Other} at every position; exactly 0 where `mask` is False.
+
+    Shapes: logits [..., V]; topk_ids / topk_logprobs [..., K] as read from a trace (padded
+    slots: logprob -inf or NaN); other_logprob, mask [...]. Returns [...] in at least float32.
+    `other`: `bucket` keeps the teacher's tail mass as one more bucket, `renormalize` drops it
+    on both sides. `lse` ([..., 1], the logsumexp of `logits` over V) saves a pass over the
+    vocabulary when the caller already has it; it is used only at tau == 1. The KD loss and the
+    eval's KL metric are both this function.
+    """
+    ids, lp, olp = _safe_teacher(topk_ids, topk_logprobs, other_logprob, mask, logits.shape[-1])
+    kl = _bucket_kl(logits.flatten(0, -2), ids.flatten(0, -2), lp.flatten(0, -2), olp.flatten(), tau, other,
+                    lse=None if lse is None else lse.flatten(0, -2)).view(mask.shape)
+    return torch.where(mask, kl, torch.zeros_like(kl))
+
+
 def kd_topk_other_loss(logits, topk_ids, topk_logprobs, other_logprob, mask, tau: float = 1.0,
                        other: str = "bucket") -> torch.Tensor:
     """`tau**2` x mean over masked-in positions of KL(teacher || student) over {top-K, Other}.
@@ -111,9 +128,7 @@ def kd_topk_other_loss(logits, topk_ids, topk_logprobs, other_logprob, mask, tau
     or NaN); other_logprob, mask [B, T]. Returns a scalar; 0 (with a gradient path) if the
     mask is empty.
     """
-    ids, lp, olp = _safe_teacher(topk_ids, topk_logprobs, other_logprob, mask, logits.shape[-1])
-    kl = _kd_per_position(logits.flatten(0, -2), ids.flatten(0, -2), lp.flatten(0, -2), olp.flatten(), tau, other)
-    kl = torch.where(mask.flatten(), kl, torch.zeros_like(kl))
+    kl = kd_per_position(logits, topk_ids, topk_logprobs, other_logprob, mask, tau, other)
     return tau**2 * kl.sum() / mask.sum().clamp_min(1)
 
 
@@ -152,31 +167,31 @@ class DistillationLoss(torch.nn.Module):
         if self.cfg.other not in ("bucket", "renormalize"):
             raise ValueError(f"loss.other must be 'bucket' or 'renormalize', got {self.cfg.other!r}")
 
-    def _chunk_terms(self, z, targets, ids, lp, olp):
+    def _chunk_terms(self, z, targets, ids, lp, olp, kd_mask):
         z = z.to(_compute_dtype(z.dtype))
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         ce = (lse - z.gather(-1, targets.unsqueeze(-1))).squeeze(-1)
-        kd = _kd_per_position(z, ids, lp, olp, self.cfg.tau, self.cfg.other, lse=lse)
-        agree = (z.argmax(-1) == ids[:, 0]).float()
+        kd = kd_per_position(z, ids, lp, olp, kd_mask, self.cfg.tau, self.cfg.other, lse=lse)
+        # slot 0 holds the teacher's most probable candidate; ids are clamped into V as for the KL
+        agree = (z.argmax(-1) == ids[:, 0].long().clamp(0, z.shape[-1] - 1)).float()
         return ce, kd, agree
 
     def forward(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        v = logits.shape[-1]
         loss_mask = batch["loss_mask"]
         kd_mask = loss_mask & batch["kd_valid"]
         fmt_mask = loss_mask & batch["format_mask"]
         rows = loss_mask.flatten().nonzero().squeeze(-1)            # only loss-bearing positions
         targets = batch["input_ids"][:, 1:]
         targets = torch.cat([targets, torch.zeros_like(targets[:, :1])], dim=1).flatten()[rows]
-        ids, lp, olp = _safe_teacher(batch["topk_ids"], batch["topk_logprobs"], batch["other_logprob"],
-                                     kd_mask, v)
-        ids, lp, olp = ids.flatten(0, 1)[rows], lp.flatten(0, 1)[rows], olp.flatten()[rows]
+        ids, lp = batch["topk_ids"].flatten(0, 1)[rows], batch["topk_logprobs"].flatten(0, 1)[rows]
+        olp = batch["other_logprob"].flatten()[rows]
+        kd_sel, fmt_sel = kd_mask.flatten()[rows], fmt_mask.flatten()[rows]
         flat = logits.flatten(0, 1)
         step = self.cfg.chunk_size or max(rows.numel(), 1)
         parts = []
         for s in range(0, rows.numel(), step):
             sl = slice(s, s + step)
-            args = (flat[rows[sl]], targets[sl], ids[sl], lp[sl], olp[sl])
+            args = (flat[rows[sl]], targets[sl], ids[sl], lp[sl], olp[sl], kd_sel[sl])
             if self.cfg.chunk_size and torch.is_grad_enabled() and rows.numel() > step:
                 parts.append(checkpoint(self._chunk_terms, *args, use_reentrant=False))
             else:
@@ -185,7 +200,6 @@ class DistillationLoss(torch.nn.Module):
             ce, kd, agree = (torch.cat(x) for x in zip(*parts))
         else:
             ce = kd = agree = logits.new_zeros(0, dtype=_compute_dtype(logits.dtype))
-        kd_sel, fmt_sel = kd_mask.flatten()[rows], fmt_mask.flatten()[rows]
         zero = logits.sum() * 0.0                                   # keeps the graph when all masks are empty
 
         def masked_mean(x, m):

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from bitnet_kde.runinfo import run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,8 +100,6 @@ def bench_api(prompts: int = 48, latency_s: float = 0.2, concurrency: tuple[int,
         r["ideal_speedup"] = round(len(texts) / -(-len(texts) // r["concurrency"]), 2)
     return {"part": "api", "server_latency_s": latency_s, "server": "in-process" if in_process_server else
             "separate process", "top_k": top_k, "max_new_tokens": max_new_tokens,
-            "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                        "cpus": os.cpu_count()},
             "rows": rows}
 
 
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
-    results = {}
+    results = run_info()
     if args.part in ("api", "all"):
         results["api"] = bench_api(prompts=args.prompts, latency_s=args.latency,
                                    concurrency=tuple(args.concurrency), top_k=args.top_k,

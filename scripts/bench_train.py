@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -23,6 +22,7 @@ import torch
 from bitnet_kde.losses import DistillationLoss, LossConfig
 from bitnet_kde.model import BitNetConfig, BitNetLM
 from bitnet_kde.model.sizing import measure_flops_per_token
+from bitnet_kde.runinfo import describe, run_info
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -91,8 +91,7 @@ def main() -> None:
 
     tokens = args.batch * args.seq
     flops_tok = measure_flops_per_token(runs["bitnet"]["cfg"], args.seq)
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "model": args.model, "params": runs["bitnet"]["model"].num_parameters(),
+    result = {**run_info(device="cpu"), "model": args.model, "params": runs["bitnet"]["model"].num_parameters(),
               "batch": [args.batch, args.seq], "vocab": args.vocab, "k": args.k,
               "matmul_peak_gflops": peak / 1e9, "flops_per_token_train": flops_tok}
     for name, r in runs.items():
@@ -100,7 +99,7 @@ def main() -> None:
         result[name] = {"sec_per_step": sec, "tokens_per_sec": tokens / sec, "mfu": flops_tok * tokens / sec / peak}
     result["ratio_bitnet_over_dense_time"] = result["bitnet"]["sec_per_step"] / result["dense"]["sec_per_step"]
 
-    print(f"machine: {result['machine']}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"machine: {describe(result['machine'])}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"{args.model}: {result['params'] / 1e6:.1f}M params, batch {args.batch}x{args.seq}, vocab {args.vocab}")
     print(f"{'variant':<8} {'s/step':>8} {'tokens/s':>10} {'MFU':>7}")
     for name in runs:

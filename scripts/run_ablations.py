@@ -21,6 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bitnet_kde.runinfo import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,8 +86,7 @@ def table(reports: list[dict], command: str) -> str:
         "`test` prompts by `eval.py` (metric definitions: docs/EVALUATION.md).",
         "",
         f"- command: `{command}`",
-        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d')}; machine: {first['machine']['processor']}, "
-        f"{first['machine']['threads']} threads, torch {first['machine']['torch']}, {first['machine']['device']}",
+        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d')}; machine: {describe(first['machine'])}",
         f"- student: {_model(first)}; teacher: {first['teacher']['name']}",
         f"- eval data: trace set `{first['data']['trace_set']}`, {first['data']['rows']} held-out prompts "
         f"({', '.join(f'{k} {v}' for k, v in sorted(first['data']['rows_per_category'].items()))})",

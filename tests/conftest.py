@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from bitnet_kde import storage
 from bitnet_kde.kd.synthetic import BigramTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tests compose configs with Hydra's compose API, not through the entry points' bootstrap.
+storage.register_resolvers()
 
 
 def small_teacher(**kw) -> BigramTeacher:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitnet_kde.losses import DistillationLoss, LossConfig, kd_topk_other_loss
+from bitnet_kde.losses import DistillationLoss, LossConfig, kd_per_position, kd_topk_other_loss
 
 F64 = torch.float64
 
@@ -24,7 +24,7 @@ def ref_kl_position(z, ids, lp, olp, tau, other="bucket", tail="complement"):
     """KL(teacher || student) at one position, float64, differentiable in z.
 
     Slots whose teacher logprob is not finite are padding and are skipped.
-    tail="one_minus": student Other = 1 - sum of the K student probabilities (as written in SPEC);
+    tail="one_minus": student Other = 1 - sum of the K student probabilities (the textbook form);
     tail="complement": the same quantity summed directly over the non-top-K ids (no cancellation).
     """
     z = z.to(F64) / tau
@@ -120,6 +120,29 @@ def test_kd_matches_float64_reference(tau, random_ids):
     (g_ref,) = torch.autograd.grad(ref_loss(logits, ids, lp, other, mask, tau), logits)
     assert torch.allclose(g_impl.to(F64), g_ref, rtol=1e-6, atol=1e-9)
     assert bool((g_impl[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("tau, other", [(1.0, "bucket"), (2.0, "bucket"), (1.0, "renormalize")])
+def test_kd_per_position_matches_reference_and_is_zero_off_mask(tau, other):
+    g = torch.Generator().manual_seed(21)
+    B, T, V, K = 2, 4, 19, 4
+    logits = torch.randn(B, T, V, generator=g, dtype=F64) * 1.5
+    ids, lp, olp, _ = make_teacher(B, T, V, K, g)
+    lp[0, 1, -1] = math.nan  # a padded slot
+    mask = torch.rand(B, T, generator=g) < 0.6
+    mask[0, 1], mask[1, 3] = True, False
+    kl = kd_per_position(logits, ids, lp, olp, mask, tau, other)
+    assert kl.shape == (B, T)
+    assert bool((kl[~mask] == 0).all())
+    for b, t in mask.nonzero().tolist():
+        real = torch.isfinite(lp[b, t])
+        expected = ref_kl_position(logits[b, t], ids[b, t][real], lp[b, t][real], olp[b, t], tau, other=other)
+        assert rel_err(kl[b, t], expected) <= 1e-6
+    # the logsumexp a caller already has gives the same values; the loss is tau^2 x their mean
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    assert torch.equal(kd_per_position(logits, ids, lp, olp, mask, tau, other, lse=lse), kl)
+    loss = kd_topk_other_loss(logits, ids, lp, olp, mask, tau, other)
+    assert num(loss) == pytest.approx(tau**2 * num(kl.sum()) / int(mask.sum()), rel=1e-12)
 
 
 def test_kd_float32_inputs_close_to_reference():

@@ -1,4 +1,4 @@
-"""The eval stage: a trained student against its teacher on held-out prompts (SPEC §8).
+"""The eval stage: a trained student against its teacher on held-out prompts (docs/EVALUATION.md).
 
 Steps, each reported in `reports/evaluation.json`:
 
@@ -20,13 +20,13 @@ Steps, each reported in `reports/evaluation.json`:
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bitnet_kde.data.datamodule import TraceDataset, collate_traces
@@ -39,9 +39,12 @@ from bitnet_kde.eval.metrics import (
     qei,
     token_sums,
 )
+from bitnet_kde.kd.collect import TraceCollector
 from bitnet_kde.kd.traces import read_traces, table_metadata
 from bitnet_kde.model import BitNetLM, PackedBitLinear
-from bitnet_kde.model.export import load_student, packed_copy
+from bitnet_kde.checkpoint import load_student
+from bitnet_kde.model.packed import packed_copy
+from bitnet_kde.runinfo import run_info
 from bitnet_kde.teachers.base import SamplingConfig, TeacherFailure
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,200 @@ def find_checkpoint(log_dir: str | Path) -> Path:
     return found[-1]
 
 
+def evaluate(cfg: DictConfig) -> dict:
+    """Run the eval stage described by an `eval.yaml` config; return the report (a dict)."""
+    check_config(cfg)
+    ckpt, student = load_eval_student(cfg)
+    data = held_out_traces(cfg, student)
+    per_category = token_metrics(student, data, int(cfg.batch_size))
+    packed = pack_for_inference(student)
+    answers = generate_answers(packed, data, cfg)
+    add_answer_metrics(answers, per_category, cfg)
+    speed_rows = list(range(min(int(cfg.speed.prompts), len(data.ds))))
+    n_new = int(cfg.speed.max_new_tokens)
+    student_speed = measure_student_speed(packed, data, speed_rows, n_new)
+    teacher_info, teacher_speed = teacher_figures(cfg, data, speed_rows, n_new)
+    student_bytes = packed.weight_bytes()
+    index = qei_section(cfg, per_category["overall"], student_bytes["total"], teacher_info["weight_bytes"],
+                        student_speed["tokens_per_s"], teacher_speed["tokens_per_s"])
+    info = run_info()
+    return {
+        "created_at": info["created_at"],
+        "checkpoint": ckpt,
+        "student": {"config": student.cfg.to_dict(), "activation_bits": student.activation_bits,
+                    "parameters": student.num_parameters()},
+        "teacher": teacher_info,
+        "data": data_section(cfg, data),
+        "machine": info["machine"],
+        "metrics": {"overall": per_category["overall"],
+                    "per_category": {c: m for c, m in sorted(per_category.items()) if c != "overall"}},
+        "speed": {"prompts": len(speed_rows), "new_tokens_per_prompt": n_new, "batch_size": 1,
+                  "student": student_speed, "teacher": teacher_speed},
+        "memory": {"student_weight_bytes": student_bytes, "teacher_weight_bytes": teacher_info["weight_bytes"]},
+        "qei": index,
+        "answers": answers[: int(cfg.report_answers)],
+    }
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse an unknown quality metric or non-greedy teacher traces before any work starts."""
+    if cfg.quality_metric not in QUALITY_METRICS:
+        raise ValueError(f"quality_metric={cfg.quality_metric!r} is not one of {sorted(QUALITY_METRICS)}")
+    if cfg.collection.sampling.temperature != 0:
+        raise ValueError("eval needs the teacher's greedy answers: collection.sampling.temperature must be 0")
+
+
+def load_eval_student(cfg: DictConfig) -> tuple[str, BitNetLM]:
+    """The checkpoint named by `ckpt_path` (else the newest run's), in its saved or forced A-mode."""
+    ckpt = str(cfg.ckpt_path or find_checkpoint(cfg.paths.log_dir))  # a str: may be a storage URL
+    student = load_student(ckpt)
+    if cfg.activation_bits:
+        student.set_activation_bits(int(cfg.activation_bits))
+    log.info("student %s (A%d) from %s", student.cfg.d_model, student.activation_bits, ckpt)
+    return ckpt, student
+
+
+@dataclass
+class HeldOut:
+    """The teacher's greedy traces of the held-out prompts, row-aligned with the dataset."""
+
+    collector: TraceCollector
+    """The collector that wrote them: its student tokenizer, trace-set id and teacher."""
+    trace_dir: str
+    ds: TraceDataset
+    categories: list[str]
+    prompts: list[str]
+    teacher_text: list[str]
+    traced_by: str
+    """`provider/model` of the teacher, from the trace metadata."""
+
+
+def held_out_traces(cfg: DictConfig, student: BitNetLM) -> HeldOut:
+    """Collect the held-out traces once (content-addressed, reused afterwards) and read them."""
+    collector = instantiate(cfg.collection)
+    trace_dir = str(cfg.trace_dir)
+    if not collector.is_complete(trace_dir):
+        collector.write(trace_dir)
+    table = read_traces(trace_dir, vocab_size=student.cfg.vocab_size)
+    meta = table_metadata(table)
+    return HeldOut(collector=collector, trace_dir=trace_dir, ds=TraceDataset(table, student.cfg.max_seq_len),
+                   categories=table.column("category").to_pylist(), prompts=table.column("prompt").to_pylist(),
+                   teacher_text=table.column("teacher_text").to_pylist(),
+                   traced_by=f"{meta.get('teacher_provider', '?')}/{meta.get('teacher_model', '?')}")
+
+
+def data_section(cfg: DictConfig, data: HeldOut) -> dict:
+    return {"trace_set": data.collector.trace_set_id, "trace_dir": data.trace_dir,
+            "prompts": OmegaConf.to_container(cfg.collection.prompts, resolve=True),
+            "rows": len(data.ds), "rows_per_category": dict(Counter(data.categories)),
+            "teacher_greedy_max_new_tokens": int(cfg.collection.sampling.max_new_tokens)}
+
+
+def token_metrics(student: BitNetLM, data: HeldOut, batch_size: int) -> dict[str, dict]:
+    """KL, top-1 agreement and perplexity on the teacher's text, per category and `overall`."""
+    rows: list[tuple[str, TokenTotals]] = []
+    with torch.no_grad():
+        for idx, batch in _batches(data.ds, batch_size):
+            for i, totals in zip(idx, token_sums(student(batch["input_ids"]), batch), strict=True):
+                rows.append((data.categories[i], totals))
+    return {c: t.as_metrics() for c, t in group_totals(rows).items()}
+
+
+def pack_for_inference(student: BitNetLM) -> BitNetLM:
+    """A packed copy of the student whose layers keep their unpacked weight after first use."""
+    packed = student if student.is_packed else packed_copy(student)
+    for m in packed.modules():
+        if isinstance(m, PackedBitLinear):
+            m.cache_unpacked = True
+    return packed
+
+
+def generate_answers(packed: BitNetLM, data: HeldOut, cfg: DictConfig) -> list[dict]:
+    """Greedy, KV-cached student answers next to the teacher's, for the answer metrics."""
+    tokenizer = data.collector.tokenizer
+    eos = tokenizer.eos_token_id
+    answer_cats = set(cfg.json_categories) | set(cfg.exact_match_categories)
+    answers = []
+    for i in range(len(data.ds)):
+        if cfg.answers_for_all_categories or data.categories[i] in answer_cats:
+            out = packed.generate(_prompt_ids(data.ds, i), int(cfg.max_new_tokens), eos_id=eos)[0].tolist()
+            text = tokenizer.decode([t for t in out if t != eos], skip_special_tokens=True)
+            answers.append({"category": data.categories[i], "prompt": data.prompts[i], "student": text,
+                            "teacher": data.teacher_text[i]})
+    return answers
+
+
+def add_answer_metrics(answers: list[dict], per_category: dict, cfg: DictConfig) -> None:
+    """Add JSON validity and exact match (student, and the teacher's own JSON rate) per category."""
+    groups: dict[str, dict[str, list]] = {}
+    for a in answers:
+        if a["category"] in cfg.json_categories:
+            a["json_valid"] = {"student": json_valid(a["student"]), "teacher": json_valid(a["teacher"])}
+            g = groups.setdefault(a["category"], {})
+            g.setdefault("json_validity", []).append(a["json_valid"]["student"])
+            g.setdefault("teacher_json_validity", []).append(a["json_valid"]["teacher"])
+        if a["category"] in cfg.exact_match_categories:
+            a["exact_match"] = normalize_answer(a["student"]) == normalize_answer(a["teacher"])
+            groups.setdefault(a["category"], {}).setdefault("exact_match", []).append(a["exact_match"])
+    pooled: dict[str, list] = {}
+    for cat, metrics in groups.items():
+        for name, values in metrics.items():
+            per_category.setdefault(cat, {})[name] = sum(values) / len(values)
+            per_category[cat][f"{name}_n"] = len(values)
+            pooled.setdefault(name, []).extend(values)
+    for name, values in pooled.items():
+        per_category["overall"][name] = sum(values) / len(values)
+        per_category["overall"][f"{name}_n"] = len(values)
+
+
+def measure_student_speed(packed: BitNetLM, data: HeldOut, rows: list[int], n_new: int) -> dict:
+    """Tokens/s of the packed student decoding `n_new` tokens for each row, one at a time."""
+
+    def student_run(i):
+        return packed.generate(_prompt_ids(data.ds, i), n_new).shape[1]  # no EOS: always n_new tokens
+
+    tps, tokens, secs = _timed_tokens_per_s(student_run, rows)
+    return {"tokens_per_s": tps, "tokens": tokens, "seconds": secs,
+            "form": "packed ternary, KV cache, weights unpacked once (fp32 matmul)"}
+
+
+def teacher_figures(cfg: DictConfig, data: HeldOut, rows: list[int], n_new: int) -> tuple[dict, dict]:
+    """The teacher's report entry (name, weight bytes) and its speed: from the config or measured.
+
+    Measuring loads the teacher and times it on the same prompts and token budget as the
+    student; an in-process teacher's weight bytes are then counted from its loaded model.
+    """
+    teacher_info = {"name": data.traced_by, "weight_bytes": cfg.teacher_weight_bytes,
+                    "weight_bytes_source": "config" if cfg.teacher_weight_bytes is not None else None}
+    tps = tokens = secs = None
+    if cfg.speed.teacher_tokens_per_s is not None:
+        tps = float(cfg.speed.teacher_tokens_per_s)
+    elif cfg.speed.measure_teacher:
+        teacher = data.collector.teacher()
+        lm = teacher.lm  # a local teacher's model: its real bytes
+        if isinstance(lm, torch.nn.Module) and cfg.teacher_weight_bytes is None:
+            teacher_info.update(weight_bytes=module_bytes(lm), weight_bytes_source="parameters and buffers as loaded",
+                                dtype=str(next(lm.parameters()).dtype))
+        sampling = SamplingConfig(max_new_tokens=n_new, temperature=0.0, top_k=1)
+
+        def teacher_run(i):
+            r = teacher.generate([data.prompts[i]], sampling)[0]
+            if isinstance(r, TeacherFailure):
+                raise TeacherSpeedError(f"{r.reason}: {r.message[:300]}")
+            return r.completion_tokens
+
+        try:
+            tps, tokens, secs = _timed_tokens_per_s(teacher_run, rows)
+        except TeacherSpeedError as e:
+            # Quality figures are already computed: keep them, report why there is no speed.
+            log.warning("teacher %s failed while measuring its speed (%s); QEI_speed left out", teacher.name, e)
+            teacher_info["speed_error"] = str(e)
+        finally:
+            teacher.close()
+    source = "config" if cfg.speed.teacher_tokens_per_s is not None else "measured" if tps is not None else None
+    return teacher_info, {"tokens_per_s": tps, "tokens": tokens, "seconds": secs, "source": source}
+
+
 def module_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's parameters and buffers, counting shared (tied) tensors once."""
     seen, total = set(), 0
@@ -70,10 +267,14 @@ def module_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def machine() -> dict:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
+def qei_section(cfg: DictConfig, overall: dict, student_bytes: int, teacher_bytes: int | None,
+                student_tps: float, teacher_tps: float | None) -> dict:
+    """The QEI terms for the quality metric named in the config, with its definition."""
+    q = QUALITY_METRICS[cfg.quality_metric]
+    q_teacher = 1.0 if q.teacher == "self" else overall.get(f"teacher_{q.name}")
+    index = qei(q.name, overall.get(q.name), q_teacher, student_bytes, teacher_bytes, student_tps, teacher_tps)
+    return {"quality_metric": q.name, "definition": q.description, "teacher_quality": q.teacher,
+            **{k: v for k, v in index.__dict__.items() if k != "quality_metric"}}
 
 
 def _batches(ds: TraceDataset, batch_size: int):
@@ -96,152 +297,3 @@ def _timed_tokens_per_s(fn, prompts: list, warmup: bool = True) -> tuple[float, 
         tokens += fn(p)
     secs = time.perf_counter() - t0
     return (tokens / secs if secs > 0 else 0.0), tokens, secs
-
-
-def evaluate(cfg: DictConfig) -> dict:
-    """Run the eval stage described by an `eval.yaml` config; return the report (a dict)."""
-    if cfg.quality_metric not in QUALITY_METRICS:
-        raise ValueError(f"quality_metric={cfg.quality_metric!r} is not one of {sorted(QUALITY_METRICS)}")
-    if cfg.collection.sampling.temperature != 0:
-        raise ValueError("eval needs the teacher's greedy answers: collection.sampling.temperature must be 0")
-    ckpt = str(cfg.ckpt_path or find_checkpoint(cfg.paths.log_dir))  # a str: may be a storage URL
-    student = load_student(ckpt)
-    if cfg.activation_bits:
-        student.set_activation_bits(int(cfg.activation_bits))
-    log.info("student %s (A%d) from %s", student.cfg.d_model, student.activation_bits, ckpt)
-
-    from hydra.utils import instantiate
-
-    collector = instantiate(cfg.collection)
-    trace_dir = str(cfg.trace_dir)
-    if not collector.is_complete(trace_dir):
-        collector.write(trace_dir)
-    table = read_traces(trace_dir, vocab_size=student.cfg.vocab_size)
-    ds = TraceDataset(table, student.cfg.max_seq_len)
-    categories = table.column("category").to_pylist()
-    teacher_text = table.column("teacher_text").to_pylist()
-    prompts = table.column("prompt").to_pylist()
-    tokenizer = collector.tokenizer
-
-    # -- token quality -----------------------------------------------------------------------
-    rows: list[tuple[str, TokenTotals]] = []
-    with torch.no_grad():
-        for idx, batch in _batches(ds, int(cfg.batch_size)):
-            for i, totals in zip(idx, token_sums(student(batch["input_ids"]), batch), strict=True):
-                rows.append((categories[i], totals))
-    per_category = {c: t.as_metrics() for c, t in group_totals(rows).items()}
-
-    # -- answers (packed inference form, KV cache) ----------------------------------------------
-    packed = pack_for_inference(student)
-    eos = tokenizer.eos_token_id
-    answer_cats = set(cfg.json_categories) | set(cfg.exact_match_categories)
-    answers = []
-    for i in range(len(ds)):
-        if cfg.answers_for_all_categories or categories[i] in answer_cats:
-            out = packed.generate(_prompt_ids(ds, i), int(cfg.max_new_tokens), eos_id=eos)[0].tolist()
-            text = tokenizer.decode([t for t in out if t != eos], skip_special_tokens=True)
-            answers.append({"category": categories[i], "prompt": prompts[i], "student": text,
-                            "teacher": teacher_text[i]})
-    _answer_metrics(answers, per_category, cfg)
-
-    # -- efficiency ------------------------------------------------------------------------------
-    speed_rows = list(range(min(int(cfg.speed.prompts), len(ds))))
-    n_new = int(cfg.speed.max_new_tokens)
-
-    def student_run(i):
-        return packed.generate(_prompt_ids(ds, i), n_new).shape[1]  # no EOS: always n_new tokens
-
-    s_tps, s_tok, s_sec = _timed_tokens_per_s(student_run, speed_rows)
-    meta = table_metadata(table)
-    traced_by = f"{meta.get('teacher_provider', '?')}/{meta.get('teacher_model', '?')}"
-    teacher_info = {"name": traced_by, "weight_bytes": cfg.teacher_weight_bytes,
-                    "weight_bytes_source": "config" if cfg.teacher_weight_bytes is not None else None}
-    t_tps = t_tok = t_sec = None
-    if cfg.speed.teacher_tokens_per_s is not None:
-        t_tps = float(cfg.speed.teacher_tokens_per_s)
-    elif cfg.speed.measure_teacher:
-        teacher = collector.teacher()
-        lm = getattr(teacher, "lm", None)  # a local teacher's model: its real bytes
-        if isinstance(lm, torch.nn.Module) and cfg.teacher_weight_bytes is None:
-            teacher_info.update(weight_bytes=module_bytes(lm), weight_bytes_source="parameters and buffers as loaded",
-                                dtype=str(next(lm.parameters()).dtype))
-        sampling = SamplingConfig(max_new_tokens=n_new, temperature=0.0, top_k=1)
-
-        def teacher_run(i):
-            r = teacher.generate([prompts[i]], sampling)[0]
-            if isinstance(r, TeacherFailure):
-                raise TeacherSpeedError(f"{r.reason}: {r.message[:300]}")
-            return r.completion_tokens
-
-        try:
-            t_tps, t_tok, t_sec = _timed_tokens_per_s(teacher_run, speed_rows)
-        except TeacherSpeedError as e:
-            # Quality figures are already computed: keep them, report why there is no speed.
-            log.warning("teacher %s failed while measuring its speed (%s); QEI_speed left out", teacher.name, e)
-            teacher_info["speed_error"] = str(e)
-        finally:
-            teacher.close()
-    student_bytes = packed.weight_bytes()
-    overall = per_category["overall"]
-    q = QUALITY_METRICS[cfg.quality_metric]
-    q_teacher = 1.0 if q.teacher == "self" else overall.get(f"teacher_{q.name}")
-    index = qei(q.name, overall.get(q.name), q_teacher, student_bytes["total"], teacher_info["weight_bytes"],
-                s_tps, t_tps)
-
-    report = {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": ckpt,
-        "student": {"config": student.cfg.to_dict(), "activation_bits": student.activation_bits,
-                    "parameters": student.num_parameters()},
-        "teacher": teacher_info,
-        "data": {"trace_set": collector.trace_set_id, "trace_dir": trace_dir,
-                 "prompts": OmegaConf.to_container(cfg.collection.prompts, resolve=True),
-                 "rows": len(ds), "rows_per_category": dict(Counter(categories)),
-                 "teacher_greedy_max_new_tokens": int(cfg.collection.sampling.max_new_tokens)},
-        "machine": machine(),
-        "metrics": {"overall": overall, "per_category": {c: m for c, m in sorted(per_category.items())
-                                                          if c != "overall"}},
-        "speed": {"prompts": len(speed_rows), "new_tokens_per_prompt": n_new, "batch_size": 1,
-                  "student": {"tokens_per_s": s_tps, "tokens": s_tok, "seconds": s_sec,
-                              "form": "packed ternary, KV cache, weights unpacked once (fp32 matmul)"},
-                  "teacher": {"tokens_per_s": t_tps, "tokens": t_tok, "seconds": t_sec,
-                              "source": "config" if cfg.speed.teacher_tokens_per_s is not None else
-                              "measured" if t_tps is not None else None}},
-        "memory": {"student_weight_bytes": student_bytes, "teacher_weight_bytes": teacher_info["weight_bytes"]},
-        "qei": {"quality_metric": q.name, "definition": q.description, "teacher_quality": q.teacher,
-                **{k: v for k, v in index.__dict__.items() if k != "quality_metric"}},
-        "answers": answers[: int(cfg.report_answers)],
-    }
-    return report
-
-
-def pack_for_inference(student: BitNetLM) -> BitNetLM:
-    """A packed copy of the student whose layers keep their unpacked weight after first use."""
-    packed = student if student.is_packed else packed_copy(student)
-    for m in packed.modules():
-        if isinstance(m, PackedBitLinear):
-            m.cache_unpacked = True
-    return packed
-
-
-def _answer_metrics(answers: list[dict], per_category: dict, cfg: DictConfig) -> None:
-    """Add JSON validity and exact match (student, and the teacher's own JSON rate) per category."""
-    groups: dict[str, dict[str, list]] = {}
-    for a in answers:
-        if a["category"] in cfg.json_categories:
-            a["json_valid"] = {"student": json_valid(a["student"]), "teacher": json_valid(a["teacher"])}
-            g = groups.setdefault(a["category"], {})
-            g.setdefault("json_validity", []).append(a["json_valid"]["student"])
-            g.setdefault("teacher_json_validity", []).append(a["json_valid"]["teacher"])
-        if a["category"] in cfg.exact_match_categories:
-            a["exact_match"] = normalize_answer(a["student"]) == normalize_answer(a["teacher"])
-            groups.setdefault(a["category"], {}).setdefault("exact_match", []).append(a["exact_match"])
-    pooled: dict[str, list] = {}
-    for cat, metrics in groups.items():
-        for name, values in metrics.items():
-            per_category.setdefault(cat, {})[name] = sum(values) / len(values)
-            per_category[cat][f"{name}_n"] = len(values)
-            pooled.setdefault(name, []).extend(values)
-    for name, values in pooled.items():
-        per_category["overall"][name] = sum(values) / len(values)
-        per_category["overall"][f"{name}_n"] = len(values)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bitnet_kde.losses import _kd_per_position, _safe_teacher
+from bitnet_kde.losses import kd_per_position
 
 __all__ = ["TokenTotals", "token_sums", "group_totals", "parse_json_answer", "json_valid", "normalize_answer",
            "QUALITY_METRICS", "QEIResult", "qei"]
@@ -62,21 +62,20 @@ def token_sums(logits: torch.Tensor, batch: dict) -> list[TokenTotals]:
     """
     z = logits.float()
     loss_mask, kd_mask = batch["loss_mask"], batch["loss_mask"] & batch["kd_valid"]
-    ids, lp, olp = _safe_teacher(batch["topk_ids"], batch["topk_logprobs"], batch["other_logprob"],
-                                 kd_mask, z.shape[-1])
-    b, t, v = z.shape
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    kl = _kd_per_position(z.reshape(-1, v), ids.reshape(b * t, -1), lp.reshape(b * t, -1), olp.reshape(-1),
-                          1.0, "bucket", lse=lse.reshape(-1, 1)).view(b, t)
-    best = lp.argmax(-1, keepdim=True)  # teacher's top-1 slot (slots are not assumed sorted)
-    agree = (z.argmax(-1) == ids.gather(-1, best).squeeze(-1)).float()
+    kl = kd_per_position(z, batch["topk_ids"], batch["topk_logprobs"], batch["other_logprob"], kd_mask, lse=lse)
+    # The teacher's top-1 is its most probable finite slot (slots are not assumed sorted).
+    lp = batch["topk_logprobs"]
+    best = torch.where(torch.isfinite(lp), lp, -math.inf).argmax(-1, keepdim=True)
+    top1 = batch["topk_ids"].long().gather(-1, best).squeeze(-1).clamp(0, z.shape[-1] - 1)
+    agree = (z.argmax(-1) == top1).float()
     targets = torch.cat([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], dim=1)
     nll = (lse.squeeze(-1) - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
     zero = torch.zeros_like(kl)
-    kl, agree = torch.where(kd_mask, kl, zero), torch.where(kd_mask, agree, zero)
-    nll = torch.where(loss_mask, nll, zero)
+    agree, nll = torch.where(kd_mask, agree, zero), torch.where(loss_mask, nll, zero)
     return [TokenTotals(kl=float(kl[i].sum()), agree=float(agree[i].sum()), nll=float(nll[i].sum()),
-                        kd_positions=int(kd_mask[i].sum()), tokens=int(loss_mask[i].sum())) for i in range(b)]
+                        kd_positions=int(kd_mask[i].sum()), tokens=int(loss_mask[i].sum()))
+            for i in range(z.shape[0])]
 
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
@@ -146,7 +145,7 @@ class QEIResult:
 
 
 def qei(quality_metric: str, q_student, q_teacher, m_student, m_teacher, tps_student, tps_teacher) -> QEIResult:
-    """`QEI = (Qs / Qt) / (Ms / Mt)` and `QEI_speed = QEI * TPSs / TPSt` (SPEC §8).
+    """`QEI = (Qs / Qt) / (Ms / Mt)` and `QEI_speed = QEI * TPSs / TPSt` (docs/EVALUATION.md).
 
     A term that is missing or zero in a denominator leaves the index as None and says why in
     `notes` instead of producing inf or NaN.
