@@ -22,8 +22,9 @@ pytest.importorskip("llama_cpp", reason="install the server-tests extra: pip ins
 from bitnet_kde.kd import read_traces  # noqa: E402
 from bitnet_kde.kd.collect import TraceCollector  # noqa: E402
 from bitnet_kde.teachers import SamplingConfig, TeacherSequence  # noqa: E402
-from bitnet_kde.teachers.local import LocalHFTeacher, smollm2_gguf  # noqa: E402
+from bitnet_kde.teachers.local import LocalHFTeacher  # noqa: E402
 from bitnet_kde.teachers.openai_api import OpenAITeacher  # noqa: E402
+from bitnet_kde.tokenizer import smollm2_gguf  # noqa: E402
 
 PROMPTS = ["What is the capital of Peru? Answer in one word.", "List three fruits.",
            "Write one sentence about the sea."]

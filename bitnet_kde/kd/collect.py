@@ -35,28 +35,13 @@ from bitnet_kde import storage
 from bitnet_kde.kd.traces import (arrow_path, folder_names, manifest_complete, trace_metadata, write_manifest,
                                    write_trace_shard)
 from bitnet_kde.teachers.base import SamplingConfig, Teacher, TeacherFailure, TeacherSequence
+from bitnet_kde.tokenizer import chat_ids, load_student_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
 
 RUNTIME_KEYS = {"batch_size", "device", "max_concurrency", "max_retries", "timeout_s", "api_key_env",
                 "max_prompts", "max_total_tokens"}
 """Teacher config keys that change how, not what, is collected (left out of the content address)."""
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """Stable hash of a tokenizer's full definition (vocab, merges, normalizer, specials)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def student_chat_ids(tokenizer, prompt: str) -> list[int]:
-    """The student's own chat formatting of a prompt (or plain BOS + text without a template)."""
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
 class TraceCollector:
@@ -93,8 +78,6 @@ class TraceCollector:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from bitnet_kde.teachers.local import load_student_tokenizer
-
             self._tokenizer = load_student_tokenizer(self._tokenizer_spec)
         return self._tokenizer
 
@@ -231,7 +214,7 @@ class TraceCollector:
                                   topk_ids=seq.topk_ids[:-1] if seq.topk_ids is not None else None,
                                   finish_reason=seq.finish_reason, prompt_tokens=seq.prompt_tokens)
         # A local teacher's own tokenizer pins its token boundaries exactly (byte runs such as emoji).
-        row = project_strings(student_chat_ids(self.tokenizer, prompt.prompt), seq, self.tokenizer,
+        row = project_strings(chat_ids(self.tokenizer, prompt.prompt), seq, self.tokenizer,
                               teacher_tokenizer=getattr(teacher, "tokenizer", None))
         eos = self.tokenizer.eos_token_id
         if seq.finish_reason == "stop" and eos is not None:

