@@ -29,12 +29,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from bitnet_kde import storage
 from bitnet_kde.kd.projection import ProjectedRow, project_identity, project_strings
 from bitnet_kde.kd.prompts import Prompt, load_prompts, prompt_set_hash
-from bitnet_kde import storage
 from bitnet_kde.kd.traces import (arrow_path, folder_names, manifest_complete, trace_metadata, write_manifest,
                                    write_trace_shard)
-from bitnet_kde.teachers.base import SamplingConfig, Teacher, TeacherFailure, TeacherSequence
+from bitnet_kde.teachers import SamplingConfig, Teacher, TeacherFailure, TeacherSequence, build_teacher
 from bitnet_kde.tokenizer import chat_ids, load_student_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,6 @@ class TraceCollector:
 
     def teacher(self) -> Teacher:
         if self._teacher is None:
-            from bitnet_kde.teachers import build_teacher
-
             self._teacher = build_teacher(self._teacher_cfg)
         return self._teacher
 
@@ -163,7 +161,7 @@ class TraceCollector:
     def _collect(self, teacher: Teacher, trace_dir: str | Path, work: list[tuple[int, list[Prompt]]]) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        identity = teacher.token_ids_match(self.tokenizer) if hasattr(teacher, "token_ids_match") else False
+        identity = teacher.token_ids_match(self.tokenizer)
         meta = trace_metadata(
             teacher_provider=teacher.provider, teacher_model=teacher.model, k=self.sampling.top_k,
             sampling=self.sampling.as_dict(), logprob_mode=teacher.logprob_mode,
@@ -206,8 +204,7 @@ class TraceCollector:
         # The teacher's end-of-turn token is not text: drop it (local teachers return it), project
         # the text, and end with the student's own end token wherever the teacher stopped by
         # itself (CE teaches stopping; no teacher distribution applies to that position).
-        eos_ids = getattr(teacher, "eos_ids", set())
-        if seq.token_ids and seq.token_ids[-1] in eos_ids:
+        if seq.token_ids and seq.token_ids[-1] in teacher.eos_ids:
             seq = TeacherSequence(prompt=seq.prompt, text=seq.text, tokens=seq.tokens[:-1],
                                   topk_tokens=seq.topk_tokens[:-1], topk_logprobs=seq.topk_logprobs[:-1],
                                   token_ids=seq.token_ids[:-1],
@@ -215,7 +212,7 @@ class TraceCollector:
                                   finish_reason=seq.finish_reason, prompt_tokens=seq.prompt_tokens)
         # A local teacher's own tokenizer pins its token boundaries exactly (byte runs such as emoji).
         row = project_strings(chat_ids(self.tokenizer, prompt.prompt), seq, self.tokenizer,
-                              teacher_tokenizer=getattr(teacher, "tokenizer", None))
+                              teacher_tokenizer=teacher.tokenizer)
         eos = self.tokenizer.eos_token_id
         if seq.finish_reason == "stop" and eos is not None:
             row.input_ids.append(eos)
