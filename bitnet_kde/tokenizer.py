@@ -58,6 +58,7 @@ def tokenizer_hash(tokenizer) -> str:
     """Stable hash of a tokenizer's full definition (vocab, merges, normalizer, specials)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    # kd.traces.content_id's recipe (16 hex digits of sha256), spelled out: this module imports nothing of ours
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bitnet_kde.data.datamodule import KDTraceDataModule, TraceDataset, collate_traces, split_of
-from bitnet_kde.kd.synthetic import OTHER_FLOOR, BigramTeacher
-from bitnet_kde.kd.traces import list_shards, read_traces
+from bitnet_kde.kd.synthetic import BigramTeacher
+from bitnet_kde.kd.traces import OTHER_FLOOR, list_shards, read_traces
 
 VOCAB, K, N = 64, 5, 40
 PROMPT, COMPLETION = (2, 4), (8, 16)

@@ -1,5 +1,6 @@
-"""Tokenizer projection (SPEC §4) on two real tokenizers: SmolLM2 (byte-level BPE, 49152 ids) and
-Gemma-3 270M (SentencePiece-style BPE with byte fallback, 262144 ids).
+"""Tokenizer projection (docs/TRACE_FORMAT.md, "Projection onto the student tokenizer") on two
+real tokenizers: SmolLM2 (byte-level BPE, 49152 ids) and Gemma-3 270M (SentencePiece-style BPE
+with byte fallback, 262144 ids).
 
 Every cross-tokenizer check compares `project_strings` with an obviously-correct slow oracle:
 a position is KD-valid iff the student's decoded prefix equals the teacher's decoded prefix, and
@@ -19,15 +20,14 @@ import time
 import pytest
 
 from bitnet_kde.kd.projection import (
-    OTHER_FLOOR,
     StudentPieces,
     _teacher_byte_starts,
     align_completion,
     is_special_like,
-    other_from_topk,
     project_identity,
     project_strings,
 )
+from bitnet_kde.kd.traces import OTHER_FLOOR, other_from_topk
 from bitnet_kde.teachers.base import TeacherSequence
 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

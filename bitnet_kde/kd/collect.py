@@ -1,7 +1,7 @@
 """KD trace collection: teacher + prompt set -> content-addressed Parquet shards.
 
-`TraceCollector` is both the `make collect` engine and the DataModule's `source`: the
-DataModule asks `is_complete(dir)` and, if not, calls `write(dir)`, so `python train.py`
+`TraceCollector` is both the `make collect` engine and the DataModule's `source` (a
+`bitnet_kde.kd.traces.TraceSource`): the DataModule asks `is_complete(dir)` and, if not, calls `write(dir)`, so `python train.py`
 collects from the configured teacher on first use and reuses the traces afterwards.
 
 - **Content address.** The trace-set id hashes the teacher identity, the prompt set, the
@@ -19,7 +19,6 @@ collects from the configured teacher on first use and reuses the traces afterwar
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -32,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from bitnet_kde import storage
 from bitnet_kde.kd.projection import ProjectedRow, project_identity, project_strings
 from bitnet_kde.kd.prompts import Prompt, load_prompts, prompt_set_hash
-from bitnet_kde.kd.traces import (arrow_path, folder_names, manifest_complete, trace_metadata, write_manifest,
-                                   write_trace_shard)
+from bitnet_kde.kd.traces import (arrow_path, content_id, folder_names, manifest_complete, shard_name, trace_metadata,
+                                   write_manifest, write_trace_shard)
 from bitnet_kde.teachers import SamplingConfig, Teacher, TeacherFailure, TeacherSequence, build_teacher
 from bitnet_kde.tokenizer import chat_ids, load_student_tokenizer, tokenizer_hash
 
@@ -110,7 +109,7 @@ class TraceCollector:
         blob = json.dumps({"teacher": self.teacher_identity(), "prompts": prompt_set_hash(self.prompts),
                            "tokenizer": self.tokenizer_hash, "sampling": self.sampling.as_dict(),
                            "chunk_size": self.chunk_size}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return content_id(blob)
 
     def teacher(self) -> Teacher:
         if self._teacher is None:
@@ -124,7 +123,7 @@ class TraceCollector:
 
     def shard_path(self, trace_dir: str | Path, chunk: int) -> Path | str:
         """Where chunk `chunk` goes: a `Path` in a local folder, a URL on a remote store."""
-        return storage.join(trace_dir, f"kd-{self.trace_set_id}-{chunk:05d}.parquet")
+        return storage.join(trace_dir, shard_name(self.trace_set_id, chunk))
 
     def is_complete(self, trace_dir: str | Path) -> bool:
         return manifest_complete(trace_dir, self.trace_set_id,
@@ -195,8 +194,8 @@ class TraceCollector:
             projected = project_identity(teacher.chat_ids(prompt.prompt), seq)
         else:
             projected = self._project_strings(prompt, seq, teacher)
-        row_id = hashlib.sha256(json.dumps([prompt.id, prompt.prompt, teacher.name, self.sampling.as_dict()],
-                                           sort_keys=True).encode()).hexdigest()[:24]
+        row_id = content_id(json.dumps([prompt.id, prompt.prompt, teacher.name, self.sampling.as_dict()],
+                                       sort_keys=True), n=24)
         return {"id": row_id, "prompt": prompt.prompt, "category": prompt.category,
                 "teacher_text": seq.text, **projected.__dict__}
 

@@ -22,10 +22,8 @@ import re
 import weakref
 from dataclasses import dataclass
 
+from bitnet_kde.kd.traces import other_from_topk
 from bitnet_kde.teachers.base import TeacherSequence
-
-OTHER_FLOOR = -30.0
-"""Other logprob stored when the candidates hold (numerically) all the mass, instead of -inf."""
 
 
 @dataclass
@@ -38,18 +36,6 @@ class ProjectedRow:
     topk_logprobs: list[list[float]]
     other_logprob: list[float]
     kd_valid: list[bool]
-
-
-def other_from_topk(logprobs: list[float]) -> float:
-    """log(1 - sum exp(logprobs)), floored at OTHER_FLOOR, computed stably."""
-    if not logprobs:
-        return 0.0
-    m = max(logprobs)
-    covered = m + math.log(sum(math.exp(lp - m) for lp in logprobs))
-    if covered >= 0.0:
-        return OTHER_FLOOR
-    tail = math.log(-math.expm1(covered)) if covered > -math.log(2) else math.log1p(-math.exp(covered))
-    return max(tail, OTHER_FLOOR)
 
 
 def project_identity(prompt_ids: list[int], seq: TeacherSequence) -> ProjectedRow:
