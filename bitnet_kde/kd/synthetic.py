@@ -1,4 +1,5 @@
-"""A synthetic bigram teacher that writes schema-v1 traces without any language model.
+"""A synthetic trace source that writes schema-v1 traces from a bigram model, without any
+language model or teacher.
 
 It is a stand-in for tests and smoke runs, clearly not a real teacher: a seeded random
 bigram model over an abstract vocabulary of `vocab_size` ids. Its next-token distribution
@@ -21,8 +22,11 @@ from bitnet_kde.kd.traces import (content_id, manifest_complete, other_from_topk
 CATEGORIES = ("qa", "explain", "json", "list", "code", "math", "rewrite")
 
 
-class BigramTeacher:
-    """Seeded random bigram "teacher" (see module docstring). Call `write(trace_dir)`."""
+class BigramTraceSource:
+    """Seeded random bigram traces (see module docstring), a `TraceSource`: call `write(trace_dir)`.
+
+    `provider` / `model` name it in the trace metadata and in its content address.
+    """
 
     provider = "synthetic"
     model = "bigram"
