@@ -1,8 +1,9 @@
 """KD trace collection: teacher + prompt set -> content-addressed Parquet shards.
 
 `TraceCollector` is both the `make collect` engine and the DataModule's `source` (a
-`bitnet_kde.kd.traces.TraceSource`): the DataModule asks `is_complete(dir)` and, if not, calls `write(dir)`, so `python train.py`
-collects from the configured teacher on first use and reuses the traces afterwards.
+`bitnet_kde.kd.traces.TraceSource`): the DataModule asks `is_complete(dir)` and, if not, calls
+`write(dir)`, so `python train.py` collects from the configured teacher on first use and reuses
+the traces afterwards.
 
 - **Content address.** The trace-set id hashes the teacher identity, the prompt set, the
   student tokenizer, K and the sampling settings; shard names carry it, so a different
