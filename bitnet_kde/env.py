@@ -16,6 +16,8 @@ import os
 import platform
 from pathlib import Path
 
+from bitnet_kde.teachers.api import is_local
+
 
 def load_dotenv_file(path: str | Path = ".env") -> bool:
     """Load `KEY=value` lines from `.env` into the environment (existing variables win).
@@ -86,14 +88,12 @@ def _mark(name: str) -> str:
 
 def teacher_lines(cfg) -> tuple[list[str], list[str]]:
     """Report lines and problems for the teacher's variables."""
-    from bitnet_kde.teachers.openai_api import LOCAL_PROVIDERS, is_local_url
-
     t = cfg.get("teacher") or {}
     name = cfg.hydra.runtime.choices.get("teacher") or t.get("provider", "none")
     lines, problems = [f"teacher     {name}"], []
     key_var = t.get("api_key_env")
     if key_var:
-        local = str(t.get("provider", "")).lower() in LOCAL_PROVIDERS or is_local_url(t.get("base_url"))
+        local = is_local(t.get("provider"), t.get("base_url"))
         need = "optional: local server" if local else "required"
         lines.append(f"  {key_var:<32} {_mark(key_var)} ({need})")
         if not local and not os.environ.get(key_var, "").strip():

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_student(args.checkpoint)
     tokenizer = None
     if args.tokenizer.lower() != "none":
-        from bitnet_kde.teachers.local import load_student_tokenizer
+        from bitnet_kde.tokenizer import load_student_tokenizer
 
         tokenizer = load_student_tokenizer(args.tokenizer)
     summary = export_packed(model, args.out_dir, tokenizer, source=args.checkpoint)

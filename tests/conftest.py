@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bitnet_kde import storage
-from bitnet_kde.kd.synthetic import BigramTeacher
+from bitnet_kde.kd.synthetic import BigramTraceSource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 storage.register_resolvers()
 
 
-def small_teacher(**kw) -> BigramTeacher:
+def small_teacher(**kw) -> BigramTraceSource:
     args = dict(vocab_size=64, k=8, num_sequences=48, prompt_len=(2, 6), completion_len=(8, 24), seed=0)
     args.update(kw)
-    return BigramTeacher(**args)
+    return BigramTraceSource(**args)
 
 
 @pytest.fixture(scope="session")

@@ -105,8 +105,8 @@ def test_generate_records_top_k_and_usage(server):
     assert body["repetition_penalty"] == 1.0
     assert server.requests[0]["auth"] == f"Bearer {SECRET}"  # read from the environment
     assert t.supports_logprobs and t.logprob_mode == "api_top_logprobs"
-    assert t.limits.max_top_k == 20 and t.limits.max_concurrency == 4
-    assert t.spend()["prompts_sent"] == 2
+    assert t.max_top_k == 20 and t.max_concurrency == 4
+    assert t.prompts_sent == 2
     assert t.total_tokens_used == sum(prompt_token_count(p) + len(s.tokens) for p, s in zip(prompts, out))
 
 

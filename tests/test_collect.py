@@ -19,6 +19,7 @@ from bitnet_kde.teachers import SamplingConfig, Teacher, TeacherFailure
 from bitnet_kde.teachers.local import LocalHFTeacher
 
 from conftest import ROOT
+from teacher_forcing import forced_topk, score_text
 
 PROMPTS = ["What is the capital of Peru? Answer in one word.", "List three fruits.",
            "Return a JSON object with keys \"a\" and \"b\". Output only JSON."]
@@ -33,12 +34,7 @@ def test_topk_equals_log_softmax_of_the_teachers_own_logits(teacher):
     out = teacher.generate(PROMPTS, SamplingConfig(max_new_tokens=12, top_k=20))
     for seq in out:
         assert not isinstance(seq, TeacherFailure) and 0 < len(seq.token_ids) <= 12
-        chat = teacher.chat_ids(seq.prompt)
-        ids = torch.tensor([chat + seq.token_ids])
-        with torch.no_grad():
-            logits = teacher.lm(input_ids=ids).logits[0].float()
-        lp = torch.log_softmax(logits[len(chat) - 1:len(chat) - 1 + len(seq.token_ids)], dim=-1)
-        ref_lp, ref_ids = lp.topk(20, dim=-1)
+        ref_lp, ref_ids = forced_topk(teacher, seq.prompt, seq.token_ids, 20)
         # batched left-padded generation vs one unpadded forward pass: equal up to float noise
         assert torch.allclose(torch.tensor(seq.topk_logprobs), ref_lp, atol=2e-4)
         assert (torch.tensor(seq.topk_ids) == ref_ids).float().mean() > 0.99  # ties may swap order
@@ -53,9 +49,9 @@ def test_greedy_generation_is_deterministic(teacher):
         assert [row[0] for row in seq.topk_ids] == seq.token_ids
 
 
-def test_score_teacher_forces_given_text(teacher):
+def test_teacher_forcing_the_generated_text_reproduces_its_tokens_and_distribution(teacher):
     gen = teacher.generate(PROMPTS[:1], SamplingConfig(max_new_tokens=10, top_k=10))[0]
-    scored = teacher.score(PROMPTS[:1], [gen.text], top_k=10)[0]
+    scored = score_text(teacher, PROMPTS[0], gen.text, 10)
     n = len(scored.token_ids)
     assert scored.token_ids == gen.token_ids[:n]
     assert torch.allclose(torch.tensor(scored.topk_logprobs), torch.tensor(gen.topk_logprobs[:n]), atol=2e-4)

@@ -1,4 +1,4 @@
-"""Synthetic bigram teacher traces and the KD trace DataModule (splits, batches, masks, padding)."""
+"""Synthetic bigram traces and the KD trace DataModule (splits, batches, masks, padding)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from bitnet_kde.data.datamodule import KDTraceDataModule, TraceDataset, collate_traces, split_of
-from bitnet_kde.kd.synthetic import OTHER_FLOOR, BigramTeacher
-from bitnet_kde.kd.traces import list_shards, read_traces
+from bitnet_kde.kd.synthetic import BigramTraceSource
+from bitnet_kde.kd.traces import OTHER_FLOOR, list_shards, read_traces
 
 VOCAB, K, N = 64, 5, 40
 PROMPT, COMPLETION = (2, 4), (8, 16)
 
 
-def teacher(**kw) -> BigramTeacher:
+def bigram(**kw) -> BigramTraceSource:
     args = dict(vocab_size=VOCAB, k=K, num_sequences=N, completion_len=COMPLETION, prompt_len=PROMPT)
     args.update(kw)
-    return BigramTeacher(**args)
+    return BigramTraceSource(**args)
 
 
 def datamodule(trace_dir, source=None, **kw) -> KDTraceDataModule:
@@ -34,7 +34,7 @@ def datamodule(trace_dir, source=None, **kw) -> KDTraceDataModule:
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bigram")
-    shards = teacher(shard_rows=16).write(d)
+    shards = bigram(shard_rows=16).write(d)
     assert [p.name for p in shards] == [p.name for p in list_shards(d)] and len(shards) == 3
     return d
 
@@ -49,7 +49,7 @@ def rows_by_id(table) -> dict[str, dict]:
     return {r["id"]: r for r in table.to_pylist()}
 
 
-# ----------------------------------------------------------------------------- BigramTeacher
+# ----------------------------------------------------------------------------- BigramTraceSource
 
 
 def test_bigram_traces_validate_and_have_the_requested_shape(traces, table):
@@ -71,32 +71,32 @@ def test_bigram_traces_validate_and_have_the_requested_shape(traces, table):
         assert r["teacher_text"] == " ".join(map(str, r["input_ids"][cs:]))
     manifest = json.loads((traces / "manifest.json").read_text())
     assert manifest["rows"] == N and [s["rows"] for s in manifest["shards"]] == [16, 16, 8]
-    assert manifest["trace_set"] == teacher().trace_set_id
+    assert manifest["trace_set"] == bigram().trace_set_id
 
 
 def test_is_complete(traces, tmp_path):
-    assert teacher().is_complete(traces)
-    assert teacher(shard_rows=7).is_complete(traces)  # shard layout is not part of the content
-    assert not teacher(seed=1).is_complete(traces)
-    assert not teacher(k=4).is_complete(traces)
-    assert not teacher().is_complete(tmp_path)
+    assert bigram().is_complete(traces)
+    assert bigram(shard_rows=7).is_complete(traces)  # shard layout is not part of the content
+    assert not bigram(seed=1).is_complete(traces)
+    assert not bigram(k=4).is_complete(traces)
+    assert not bigram().is_complete(tmp_path)
     # a shard listed in the manifest went missing -> incomplete
     copy = tmp_path / "copy"
     shutil.copytree(traces, copy)
     list_shards(copy)[1].unlink()
-    assert not teacher().is_complete(copy)
+    assert not bigram().is_complete(copy)
 
 
 def test_writing_is_deterministic(table, tmp_path):
-    teacher(shard_rows=100).write(tmp_path)
+    bigram(shard_rows=100).write(tmp_path)
     again = read_traces(tmp_path)
     assert again.to_pylist() == table.to_pylist()
-    assert teacher(seed=1).write(tmp_path / "s1") and \
+    assert bigram(seed=1).write(tmp_path / "s1") and \
         read_traces(tmp_path / "s1").column("id").to_pylist() != table.column("id").to_pylist()
 
 
 def test_topk_and_other_match_the_teacher_table(table):
-    t = teacher()
+    t = bigram()
     lp = t.log_probs()
     assert lp.shape == (VOCAB, VOCAB)
     assert torch.allclose(lp.exp().sum(-1), torch.ones(VOCAB, dtype=torch.float64))
@@ -125,7 +125,7 @@ def test_topk_and_other_match_the_teacher_table(table):
 
 def test_other_floor_when_topk_hold_all_mass(tmp_path):
     """k = vocab: the top-K hold all the mass; Other is the documented floor, not -inf."""
-    t = BigramTeacher(vocab_size=8, k=8, num_sequences=3, prompt_len=(1, 2), completion_len=(3, 4))
+    t = BigramTraceSource(vocab_size=8, k=8, num_sequences=3, prompt_len=(1, 2), completion_len=(3, 4))
     t.write(tmp_path)
     tab = read_traces(tmp_path, vocab_size=8, k_max=8)
     for r in tab.to_pylist():
@@ -135,7 +135,7 @@ def test_other_floor_when_topk_hold_all_mass(tmp_path):
 # ----------------------------------------------------------------------------- prepare_data
 
 
-class CountingTeacher(BigramTeacher):
+class CountingSource(BigramTraceSource):
     def __init__(self, **kw):
         args = dict(vocab_size=VOCAB, k=K, num_sequences=N, completion_len=COMPLETION, prompt_len=PROMPT)
         args.update(kw)
@@ -149,14 +149,14 @@ class CountingTeacher(BigramTeacher):
 
 def test_prepare_data_writes_once_then_reuses(tmp_path):
     d = tmp_path / "traces"
-    src = CountingTeacher()
+    src = CountingSource()
     datamodule(d, src).prepare_data()
     assert src.writes == 1
     files = sorted(p.name for p in d.iterdir())
     assert "manifest.json" in files and len(list_shards(d)) == 1
     stamps = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
     datamodule(d, src).prepare_data()
-    datamodule(d, CountingTeacher()).prepare_data()
+    datamodule(d, CountingSource()).prepare_data()
     assert src.writes == 1
     assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == stamps
 
@@ -182,8 +182,8 @@ def test_changed_source_in_same_dir_trains_only_on_new_traces(tmp_path):
     """A source with other settings (here: seed) pointed at a folder holding an older trace set
     must not train on the union of both sets."""
     d = tmp_path / "traces"
-    datamodule(d, teacher(seed=0)).prepare_data()
-    new = teacher(seed=1)
+    datamodule(d, bigram(seed=0)).prepare_data()
+    new = bigram(seed=1)
     dm = datamodule(d, new)
     dm.prepare_data()
     dm.setup("fit")
@@ -215,7 +215,7 @@ def test_split_by_id_hash(traces, table):
 def test_split_is_independent_of_shard_layout_and_order(traces, tmp_path):
     # the same trace set, one shard per 7 rows, shard names in reverse order of the rows
     other = tmp_path / "other"
-    teacher(shard_rows=7).write(other)
+    bigram(shard_rows=7).write(other)
     shards = list_shards(other)
     assert len(shards) == 6
     for i, s in enumerate(shards):

@@ -16,14 +16,16 @@ import time
 import urllib.request
 
 import pytest
+from teacher_forcing import score_text
 
 pytest.importorskip("llama_cpp", reason="install the server-tests extra: pip install -e '.[server-tests]'")
 
 from bitnet_kde.kd import read_traces  # noqa: E402
 from bitnet_kde.kd.collect import TraceCollector  # noqa: E402
 from bitnet_kde.teachers import SamplingConfig, TeacherSequence  # noqa: E402
-from bitnet_kde.teachers.local import LocalHFTeacher, smollm2_gguf  # noqa: E402
+from bitnet_kde.teachers.local import LocalHFTeacher  # noqa: E402
 from bitnet_kde.teachers.openai_api import OpenAITeacher  # noqa: E402
+from bitnet_kde.tokenizer import smollm2_gguf  # noqa: E402
 
 PROMPTS = ["What is the capital of Peru? Answer in one word.", "List three fruits.",
            "Write one sentence about the sea."]
@@ -94,7 +96,7 @@ def test_server_distribution_matches_the_local_teacher_on_the_same_text(api_teac
     remote = [s for s in api_teacher.generate(PROMPTS, SamplingConfig(max_new_tokens=16, top_k=5))
               if isinstance(s, TeacherSequence)]
     assert len(remote) == 3
-    scored = local.score([s.prompt for s in remote], [s.text for s in remote], top_k=5)
+    scored = [score_text(local, s.prompt, s.text, 5) for s in remote]
     compared, agree, diffs = 0, 0, []
     for r, s in zip(remote, scored):
         n = min(len(r.tokens), len(s.tokens))

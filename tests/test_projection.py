@@ -1,5 +1,6 @@
-"""Tokenizer projection (SPEC §4) on two real tokenizers: SmolLM2 (byte-level BPE, 49152 ids) and
-Gemma-3 270M (SentencePiece-style BPE with byte fallback, 262144 ids).
+"""Tokenizer projection (docs/TRACE_FORMAT.md, "Projection onto the student tokenizer") on two
+real tokenizers: SmolLM2 (byte-level BPE, 49152 ids) and Gemma-3 270M (SentencePiece-style BPE
+with byte fallback, 262144 ids).
 
 Every cross-tokenizer check compares `project_strings` with an obviously-correct slow oracle:
 a position is KD-valid iff the student's decoded prefix equals the teacher's decoded prefix, and
@@ -19,15 +20,14 @@ import time
 import pytest
 
 from bitnet_kde.kd.projection import (
-    OTHER_FLOOR,
-    StudentPieces,
+    TokenizerPieces,
     _teacher_byte_starts,
     align_completion,
     is_special_like,
-    other_from_topk,
     project_identity,
     project_strings,
 )
+from bitnet_kde.kd.traces import OTHER_FLOOR, other_from_topk
 from bitnet_kde.teachers.base import TeacherSequence
 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -232,8 +232,8 @@ def compare_with_oracle(row, oracle) -> tuple[int, int, int]:
 def test_pieces_spell_every_case(which, request):
     """Continuation encoding decodes back to the exact text; piece bytes give exact byte offsets."""
     tok = request.getfixturevalue(which)
-    pieces = StudentPieces.of(tok)
-    assert StudentPieces.of(tok) is pieces and StudentPieces.of(pieces) is pieces
+    pieces = TokenizerPieces.of(tok)
+    assert TokenizerPieces.of(tok) is pieces and TokenizerPieces.of(pieces) is pieces
     assert not pieces.dummy_prefix and pieces.vocab_size >= 49152
     for text in CASES:
         ids = pieces.encode(text)
@@ -261,7 +261,7 @@ def test_dummy_prefix_is_switched_off(gemma):
                                                               spec["normalizer"]]}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
     assert tok.convert_ids_to_tokens(enc(tok, "world")) == ["▁world"]  # the dummy prefix is really there
-    pieces = StudentPieces.of(tok)
+    pieces = TokenizerPieces.of(tok)
     assert not pieces.dummy_prefix
     assert [tok.convert_ids_to_tokens(i) for i in pieces.first_ids(["world", " world"])] == ["world", "▁world"]
     for text in CASES:
@@ -275,7 +275,7 @@ def test_dummy_prefix_is_switched_off(gemma):
 
 def test_known_mappings(smol, gemma):
     """Spot checks of first-token mapping: spaces, newlines, digits, unicode, emoji, byte fallback."""
-    g, s = StudentPieces.of(gemma), StudentPieces.of(smol)
+    g, s = TokenizerPieces.of(gemma), TokenizerPieces.of(smol)
 
     def first(p, tok, c):
         i = p.first_ids([c])[0]
@@ -328,7 +328,7 @@ def test_never_crashes_on_odd_sequences(smol, gemma):
             for seq in odd:
                 row = project_strings(prompt_ids, seq, tok)
                 check_row_shape(row, prompt_ids, seq.text, tok)
-    assert align_completion(odd[1], StudentPieces.of(smol))[1][0] == 0  # 'abc' starts with teacher step 0
+    assert align_completion(odd[1], TokenizerPieces.of(smol))[1][0] == 0  # 'abc' starts with teacher step 0
     row = project_strings([7], odd[3], smol)  # a logprob > 0 is clipped to 0; "x" then has all the mass
     assert row.topk_logprobs[0] == [0.0] and row.other_logprob[0] == OTHER_FLOOR
     assert not any(project_strings([7], odd[4], gemma).kd_valid)
@@ -393,7 +393,7 @@ def test_cross_tokenizer_specific_positions(smol, gemma):
 
 def test_special_tokens(smol, gemma):
     """An end-of-turn candidate is not text: it goes to Other unless the student has that special token."""
-    g, s = StudentPieces.of(gemma), StudentPieces.of(smol)
+    g, s = TokenizerPieces.of(gemma), TokenizerPieces.of(smol)
     assert g.first_ids(["<|im_end|>", "<eos>", "<b>", "<end_of_turn>"]) == [
         -1, gemma.convert_tokens_to_ids("<eos>"), gemma.convert_tokens_to_ids("<b>"),
         gemma.convert_tokens_to_ids("<end_of_turn>")]
@@ -410,7 +410,7 @@ def test_special_tokens(smol, gemma):
 
 def test_lse_merges_collisions_and_keeps_mass(gemma):
     """' the' and ' the end' both start with Gemma's '▁the': one bucket with logsumexp of the two."""
-    g = StudentPieces.of(gemma)
+    g = TokenizerPieces.of(gemma)
     a, b, c = g.first_ids([" the", " the end", " a"])
     assert a == b != c and gemma.convert_ids_to_tokens(a) == "▁the"
     lps = [math.log(0.4), math.log(0.25), math.log(0.2), math.log(0.05)]
@@ -434,7 +434,7 @@ def test_mass_accounting_random_candidates(smol, gemma):
     vocab = [decode(smol, [i]) for i in range(len(smol))]  # includes partial-UTF-8 and special strings
     text = "The quick brown fox, 42 times: jumps over the lazy dog. Déjà vu 中文 😀\n\n- item"
     seq = teacher_seq(smol, text, cands_for=lambda j, s: [], seed=3)
-    g = StudentPieces.of(gemma)
+    g = TokenizerPieces.of(gemma)
     for trial in range(40):
         k = rng.randint(1, 20)
         steps = []
@@ -573,7 +573,7 @@ def test_real_traces_smol_onto_gemma(mode, real_traces, smol, gemma):
     `strings`: offsets from the token strings only (what an API teacher gives); `teacher_tokenizer`:
     the local teacher also passes its tokenizer, which pins down boundaries inside runs of half
     characters (e.g. between two emoji that SmolLM2 splits into byte tokens)."""
-    g = StudentPieces.of(gemma)
+    g = TokenizerPieces.of(gemma)
     teacher_tok = smol if mode == "teacher_tokenizer" else None
     bos = gemma.convert_tokens_to_ids("<bos>")
     n_pos = n_valid = n_agree = n_cands = n_fail = n_missed = n_strict = 0
@@ -592,8 +592,8 @@ def test_real_traces_smol_onto_gemma(mode, real_traces, smol, gemma):
         n_strict += sum(oracle[0][t][1] == 0 for t, v in enumerate(row.kd_valid) if v)
     frac_agree, frac_valid = n_agree / n_valid, n_valid / n_pos
 
-    # speed: cold (empty candidate cache: a fresh StudentPieces) and warm, per 1000 completion positions
-    cold = StudentPieces(gemma)
+    # speed: cold (empty candidate cache: a fresh TokenizerPieces) and warm, per 1000 completion positions
+    cold = TokenizerPieces(gemma)
     t0 = time.perf_counter()
     for seq, (prompt_ids, _) in zip(real_traces, rows):
         project_strings(prompt_ids, seq, cold, teacher_tokenizer=teacher_tok)

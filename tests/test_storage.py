@@ -16,7 +16,7 @@ import pytest
 
 from bitnet_kde import storage
 from bitnet_kde.kd import list_shards, read_traces
-from bitnet_kde.kd.synthetic import BigramTeacher
+from bitnet_kde.kd.synthetic import BigramTraceSource
 from conftest import ROOT
 from storage_servers import S3_KEY_ID, moto_s3, webdav_server
 
@@ -27,8 +27,8 @@ S3_SECRET = f"s3-secret-{uuid.uuid4().hex}"
 DAV_USER, DAV_PASSWORD = "alice", f"dav-pass-{uuid.uuid4().hex}"
 
 
-def teacher(**kw) -> BigramTeacher:
-    return BigramTeacher(**{"vocab_size": 64, "k": 8, "num_sequences": 40, "completion_len": (8, 16),
+def teacher(**kw) -> BigramTraceSource:
+    return BigramTraceSource(**{"vocab_size": 64, "k": 8, "num_sequences": 40, "completion_len": (8, 16),
                             "shard_rows": 16, **kw})
 
 
@@ -163,7 +163,7 @@ def test_webdav_wrong_password_is_a_credentials_error(dav, monkeypatch):
 KILLED_WRITER = r"""
 import io, sys, time
 import pyarrow.parquet as pq
-from bitnet_kde.kd.synthetic import BigramTeacher
+from bitnet_kde.kd.synthetic import BigramTraceSource
 
 real, calls = pq.write_table, []
 
@@ -179,7 +179,7 @@ def half_then_hang(table, where, *a, **kw):
     return real(table, where, *a, **kw)
 
 pq.write_table = half_then_hang
-BigramTeacher(vocab_size=64, k=8, num_sequences=40, completion_len=(8, 16), shard_rows=16).write(sys.argv[1])
+BigramTraceSource(vocab_size=64, k=8, num_sequences=40, completion_len=(8, 16), shard_rows=16).write(sys.argv[1])
 """
 
 

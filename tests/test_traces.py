@@ -1,4 +1,4 @@
-"""KD trace files (SPEC §3): schema v1 round trip, validation errors, atomic writes, manifest."""
+"""KD trace files (docs/TRACE_FORMAT.md): schema v1 round trip, validation errors, atomic writes, manifest."""
 
 from __future__ import annotations
 

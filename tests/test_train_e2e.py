@@ -127,12 +127,12 @@ def test_ddp_through_train_py_counts_tokens_of_both_ranks(tmp_path):
     """`trainer=ddp` on 2 CPU processes: Lightning relaunches train.py per rank with the same
     Hydra overrides; the checkpoint's token count is the sum over both ranks for one epoch."""
     from bitnet_kde.data import KDTraceDataModule
-    from bitnet_kde.kd.synthetic import BigramTeacher
+    from bitnet_kde.kd.synthetic import BigramTraceSource
 
     n = 48
     while True:  # an even number of train rows, so DistributedSampler adds no duplicates
         d = tmp_path / "data" / f"synthetic-bigram-v512-n{n}"
-        BigramTeacher(vocab_size=512, k=20, num_sequences=n, seed=0).write(d)
+        BigramTraceSource(vocab_size=512, k=20, num_sequences=n, seed=0).write(d)
         dm = KDTraceDataModule(str(d), vocab_size=512, max_seq_len=256, num_workers=0)
         dm.setup()
         if len(dm.train_set) % 2 == 0:

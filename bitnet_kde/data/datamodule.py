@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bitnet_kde import storage
 from bitnet_kde.data.format_mask import token_format_mask
-from bitnet_kde.kd.traces import list_shards, read_traces
+from bitnet_kde.kd.traces import TraceSource, list_offsets, list_shards, read_traces
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +50,17 @@ class TraceDataset(Dataset):
         self.ids = table.column("id").to_pylist()
         self.completion_start = table.column("completion_start").to_numpy()
 
-        def flat(name):
-            arr = table.column(name).combine_chunks()
-            off = arr.offsets.to_numpy()
-            return off - off[0], arr.flatten()
+        def values(name):
+            return list_offsets(table.column(name))[1]
 
-        self.row_off, tok = flat("input_ids")
+        self.row_off, tok = list_offsets(table.column("input_ids"))
         self.tokens = tok.to_numpy(zero_copy_only=False).astype(np.int64)
-        _, other = flat("other_logprob")
-        self.other = other.to_numpy(zero_copy_only=False).astype(np.float32)
-        _, valid = flat("kd_valid")
-        self.valid = valid.to_numpy(zero_copy_only=False).astype(bool)
-        _, cand_ids = flat("topk_ids")
-        self.cand_off = cand_ids.offsets.to_numpy() - cand_ids.offsets.to_numpy()[0]
-        self.cand_ids = cand_ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-        _, cand_lp = flat("topk_logprobs")
-        self.cand_lp = cand_lp.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        self.other = values("other_logprob").to_numpy(zero_copy_only=False).astype(np.float32)
+        self.valid = values("kd_valid").to_numpy(zero_copy_only=False).astype(bool)
+        # candidates: position p's span in the flat candidate arrays is cand_off[p]:cand_off[p + 1]
+        self.cand_off, cand_ids = list_offsets(values("topk_ids"))
+        self.cand_ids = cand_ids.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.cand_lp = list_offsets(values("topk_logprobs"))[1].to_numpy(zero_copy_only=False).astype(np.float32)
         self.k_max = int(np.diff(self.cand_off).max(initial=0))
         lengths = np.diff(self.row_off)
         self.truncated = int((lengths > max_seq_len).sum())
@@ -147,17 +142,17 @@ class KDTraceDataModule(pl.LightningDataModule):
         trace_dir: folder of `*.parquet` shards (+ `manifest.json`): a local path or a storage URL
             (`s3://`, `gs://`, `webdav://`, ...; see `bitnet_kde.storage`).
         vocab_size: student vocabulary size; every id is checked against it.
-        source: object with `is_complete(dir)` and `write(dir)` that produces the traces
-            (a teacher collector, or the synthetic `BigramTeacher`); None = traces must exist.
+        source: the `TraceSource` that writes the traces when `trace_dir` lacks them (teacher
+            collection, or the synthetic bigram source); None = traces must exist.
         max_seq_len: longer rows are truncated (a warning says how many).
         k_max: largest number of candidates per position accepted on read.
         val_fraction: share of rows (by id hash) held out for validation.
         piece_table: text of each student token id, enabling the format mask (JSON structure);
-            taken from `source.piece_table()` when the source has one (teacher collection does).
+            taken from `source.piece_table()` when not given (None from sources whose ids are no text).
     """
 
-    def __init__(self, trace_dir: str, vocab_size: int, source=None, max_seq_len: int = 512, k_max: int = 128,
-                 batch_size: int = 16, val_batch_size: int | None = None, val_fraction: float = 0.1,
+    def __init__(self, trace_dir: str, vocab_size: int, source: TraceSource | None = None, max_seq_len: int = 512,
+                 k_max: int = 128, batch_size: int = 16, val_batch_size: int | None = None, val_fraction: float = 0.1,
                  num_workers: int = 2, pin_memory: bool = False, piece_table: Sequence[str] | None = None):
         super().__init__()
         self.trace_dir = str(trace_dir)
@@ -186,7 +181,7 @@ class KDTraceDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         table = read_traces(self.trace_dir, vocab_size=self.vocab_size, k_max=self.k_max)
-        if self.piece_table is None and hasattr(self.source, "piece_table"):
+        if self.piece_table is None and self.source is not None:
             self.piece_table = self.source.piece_table()  # the student tokenizer's token texts
         split = np.array([split_of(i, self.val_fraction) for i in table.column("id").to_pylist()])
         self.train_set = TraceDataset(table.filter(pa.array(split == "train")), self.max_seq_len, self.piece_table)

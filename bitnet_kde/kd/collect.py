@@ -1,8 +1,9 @@
 """KD trace collection: teacher + prompt set -> content-addressed Parquet shards.
 
-`TraceCollector` is both the `make collect` engine and the DataModule's `source`: the
-DataModule asks `is_complete(dir)` and, if not, calls `write(dir)`, so `python train.py`
-collects from the configured teacher on first use and reuses the traces afterwards.
+`TraceCollector` is both the `make collect` engine and the DataModule's `source` (a
+`bitnet_kde.kd.traces.TraceSource`): the DataModule asks `is_complete(dir)` and, if not, calls
+`write(dir)`, so `python train.py` collects from the configured teacher on first use and reuses
+the traces afterwards.
 
 - **Content address.** The trace-set id hashes the teacher identity, the prompt set, the
   student tokenizer, K and the sampling settings; shard names carry it, so a different
@@ -19,7 +20,6 @@ collects from the configured teacher on first use and reuses the traces afterwar
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -29,34 +29,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from bitnet_kde import storage
 from bitnet_kde.kd.projection import ProjectedRow, project_identity, project_strings
 from bitnet_kde.kd.prompts import Prompt, load_prompts, prompt_set_hash
-from bitnet_kde import storage
-from bitnet_kde.kd.traces import (arrow_path, folder_names, manifest_complete, trace_metadata, write_manifest,
-                                   write_trace_shard)
-from bitnet_kde.teachers.base import SamplingConfig, Teacher, TeacherFailure, TeacherSequence
+from bitnet_kde.kd.traces import (arrow_path, content_id, folder_names, manifest_complete, shard_name, trace_metadata,
+                                   write_manifest, write_trace_shard)
+from bitnet_kde.teachers import SamplingConfig, Teacher, TeacherFailure, TeacherSequence, build_teacher
+from bitnet_kde.tokenizer import chat_ids, load_student_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
 
 RUNTIME_KEYS = {"batch_size", "device", "max_concurrency", "max_retries", "timeout_s", "api_key_env",
                 "max_prompts", "max_total_tokens"}
 """Teacher config keys that change how, not what, is collected (left out of the content address)."""
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """Stable hash of a tokenizer's full definition (vocab, merges, normalizer, specials)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def student_chat_ids(tokenizer, prompt: str) -> list[int]:
-    """The student's own chat formatting of a prompt (or plain BOS + text without a template)."""
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
 class TraceCollector:
@@ -93,8 +78,6 @@ class TraceCollector:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from bitnet_kde.teachers.local import load_student_tokenizer
-
             self._tokenizer = load_student_tokenizer(self._tokenizer_spec)
         return self._tokenizer
 
@@ -127,12 +110,10 @@ class TraceCollector:
         blob = json.dumps({"teacher": self.teacher_identity(), "prompts": prompt_set_hash(self.prompts),
                            "tokenizer": self.tokenizer_hash, "sampling": self.sampling.as_dict(),
                            "chunk_size": self.chunk_size}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return content_id(blob)
 
     def teacher(self) -> Teacher:
         if self._teacher is None:
-            from bitnet_kde.teachers import build_teacher
-
             self._teacher = build_teacher(self._teacher_cfg)
         return self._teacher
 
@@ -143,7 +124,7 @@ class TraceCollector:
 
     def shard_path(self, trace_dir: str | Path, chunk: int) -> Path | str:
         """Where chunk `chunk` goes: a `Path` in a local folder, a URL on a remote store."""
-        return storage.join(trace_dir, f"kd-{self.trace_set_id}-{chunk:05d}.parquet")
+        return storage.join(trace_dir, shard_name(self.trace_set_id, chunk))
 
     def is_complete(self, trace_dir: str | Path) -> bool:
         return manifest_complete(trace_dir, self.trace_set_id,
@@ -180,7 +161,7 @@ class TraceCollector:
     def _collect(self, teacher: Teacher, trace_dir: str | Path, work: list[tuple[int, list[Prompt]]]) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        identity = teacher.token_ids_match(self.tokenizer) if hasattr(teacher, "token_ids_match") else False
+        identity = teacher.token_ids_match(self.tokenizer)
         meta = trace_metadata(
             teacher_provider=teacher.provider, teacher_model=teacher.model, k=self.sampling.top_k,
             sampling=self.sampling.as_dict(), logprob_mode=teacher.logprob_mode,
@@ -214,8 +195,8 @@ class TraceCollector:
             projected = project_identity(teacher.chat_ids(prompt.prompt), seq)
         else:
             projected = self._project_strings(prompt, seq, teacher)
-        row_id = hashlib.sha256(json.dumps([prompt.id, prompt.prompt, teacher.name, self.sampling.as_dict()],
-                                           sort_keys=True).encode()).hexdigest()[:24]
+        row_id = content_id(json.dumps([prompt.id, prompt.prompt, teacher.name, self.sampling.as_dict()],
+                                       sort_keys=True), n=24)
         return {"id": row_id, "prompt": prompt.prompt, "category": prompt.category,
                 "teacher_text": seq.text, **projected.__dict__}
 
@@ -223,16 +204,15 @@ class TraceCollector:
         # The teacher's end-of-turn token is not text: drop it (local teachers return it), project
         # the text, and end with the student's own end token wherever the teacher stopped by
         # itself (CE teaches stopping; no teacher distribution applies to that position).
-        eos_ids = getattr(teacher, "eos_ids", set())
-        if seq.token_ids and seq.token_ids[-1] in eos_ids:
+        if seq.token_ids and seq.token_ids[-1] in teacher.eos_ids:
             seq = TeacherSequence(prompt=seq.prompt, text=seq.text, tokens=seq.tokens[:-1],
                                   topk_tokens=seq.topk_tokens[:-1], topk_logprobs=seq.topk_logprobs[:-1],
                                   token_ids=seq.token_ids[:-1],
                                   topk_ids=seq.topk_ids[:-1] if seq.topk_ids is not None else None,
                                   finish_reason=seq.finish_reason, prompt_tokens=seq.prompt_tokens)
         # A local teacher's own tokenizer pins its token boundaries exactly (byte runs such as emoji).
-        row = project_strings(student_chat_ids(self.tokenizer, prompt.prompt), seq, self.tokenizer,
-                              teacher_tokenizer=getattr(teacher, "tokenizer", None))
+        row = project_strings(chat_ids(self.tokenizer, prompt.prompt), seq, self.tokenizer,
+                              teacher_tokenizer=teacher.tokenizer)
         eos = self.tokenizer.eos_token_id
         if seq.finish_reason == "stop" and eos is not None:
             row.input_ids.append(eos)

@@ -1,4 +1,5 @@
-"""Projection of teacher top-K distributions onto the student tokenizer (SPEC §4).
+"""Projection of teacher top-K distributions onto the student tokenizer (see docs/TRACE_FORMAT.md,
+"Projection onto the student tokenizer").
 
 The student always trains on its own tokenization of the teacher's text. Output rows follow
 the trace schema: position t of every list describes the prediction of `input_ids[t + 1]`.
@@ -11,7 +12,7 @@ Two paths:
   strings. The student re-tokenizes the completion text; positions where a student token starts
   where a teacher token starts get the teacher's candidates mapped to student ids (first student
   token of each candidate string, in mid-text context; collisions merged with log-sum-exp; the
-  rest of the mass is Other). See `project_strings` and `StudentPieces`.
+  rest of the mass is Other). See `project_strings` and `TokenizerPieces`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ import re
 import weakref
 from dataclasses import dataclass
 
+from bitnet_kde.kd.traces import other_from_topk
 from bitnet_kde.teachers.base import TeacherSequence
-
-OTHER_FLOOR = -30.0
-"""Other logprob stored when the candidates hold (numerically) all the mass, instead of -inf."""
 
 
 @dataclass
@@ -38,18 +37,6 @@ class ProjectedRow:
     topk_logprobs: list[list[float]]
     other_logprob: list[float]
     kd_valid: list[bool]
-
-
-def other_from_topk(logprobs: list[float]) -> float:
-    """log(1 - sum exp(logprobs)), floored at OTHER_FLOOR, computed stably."""
-    if not logprobs:
-        return 0.0
-    m = max(logprobs)
-    covered = m + math.log(sum(math.exp(lp - m) for lp in logprobs))
-    if covered >= 0.0:
-        return OTHER_FLOOR
-    tail = math.log(-math.expm1(covered)) if covered > -math.log(2) else math.log1p(-math.exp(covered))
-    return max(tail, OTHER_FLOOR)
 
 
 def project_identity(prompt_ids: list[int], seq: TeacherSequence) -> ProjectedRow:
@@ -132,8 +119,10 @@ def _strip_dummy_prefix(node):
     return node
 
 
-class StudentPieces:
-    """What `project_strings` needs to know about a student tokenizer, built once per tokenizer.
+class TokenizerPieces:
+    """What `project_strings` needs to know about a tokenizer, built once per tokenizer: the
+    student's (to encode the text and its candidates) and, when given, the teacher's (to place its
+    token boundaries exactly). The items below speak of the student's.
 
     - `piece_bytes[id]`: the exact UTF-8 bytes token `id` stands for in running text (byte-level
       BPE characters mapped back to bytes, SentencePiece `▁` -> space, byte-fallback `<0xNN>` -> that
@@ -163,7 +152,7 @@ class StudentPieces:
     the slow in-context encoding on real traces.
     """
 
-    _cache: dict[int, tuple[weakref.ref | None, "StudentPieces"]] = {}
+    _cache: dict[int, tuple[weakref.ref | None, "TokenizerPieces"]] = {}
 
     def __init__(self, tokenizer):
         self._tok = tokenizer
@@ -184,9 +173,9 @@ class StudentPieces:
             self._remove_dummy_prefix()
 
     @classmethod
-    def of(cls, tokenizer) -> "StudentPieces":
-        """The (cached) pieces of `tokenizer`; a `StudentPieces` is returned as is."""
-        if isinstance(tokenizer, StudentPieces):
+    def of(cls, tokenizer) -> "TokenizerPieces":
+        """The (cached) pieces of `tokenizer`; a `TokenizerPieces` is returned as is."""
+        if isinstance(tokenizer, TokenizerPieces):
             return tokenizer
         key = id(tokenizer)
         hit = cls._cache.get(key)
@@ -406,7 +395,7 @@ def _teacher_byte_starts(tokens: list[str], text: str) -> list[int | None]:
     return out
 
 
-def _teacher_byte_starts_exact(token_ids: list[int], teacher: StudentPieces, text: str) -> list[int | None] | None:
+def _teacher_byte_starts_exact(token_ids: list[int], teacher: TokenizerPieces, text: str) -> list[int | None] | None:
     """Teacher token starts from the teacher's own piece bytes (exact, also inside runs of half
     characters); None when the pieces do not spell `text` (then the strings are used)."""
     target = text.encode("utf-8")
@@ -424,8 +413,8 @@ def _teacher_byte_starts_exact(token_ids: list[int], teacher: StudentPieces, tex
     return out + [None] * (len(token_ids) - len(out))
 
 
-def align_completion(seq: TeacherSequence, pieces: StudentPieces,
-                     teacher_pieces: StudentPieces | None = None) -> tuple[list[int], list[int]]:
+def align_completion(seq: TeacherSequence, pieces: TokenizerPieces,
+                     teacher_pieces: TokenizerPieces | None = None) -> tuple[list[int], list[int]]:
     """Student ids of `seq.text` and, per student token, the teacher step it starts with (-1: none).
 
     `steps[i] = j` when student token i starts at the same byte offset of the text as teacher
@@ -479,7 +468,7 @@ def _merge(ids: list[int], logprobs: list[float]) -> tuple[list[int], list[float
 
 def project_strings(prompt_ids: list[int], seq: TeacherSequence, student_tokenizer,
                     teacher_tokenizer=None) -> ProjectedRow:
-    """Project string candidates onto a different student tokenizer (SPEC §4).
+    """Project string candidates onto a different student tokenizer.
 
     The completion text is tokenized by the student; student position t (predicting token
     t + 1) is KD-valid where the character offset at which token t + 1 starts is also the
@@ -487,13 +476,13 @@ def project_strings(prompt_ids: list[int], seq: TeacherSequence, student_tokeniz
     to the first student token of its encoding; candidates landing on the same student id are
     merged with log-sum-exp, and the remaining mass is Other. Other positions are not KD-valid.
 
-    Details (see `StudentPieces`): the completion is encoded as a continuation (no special
+    Details (see `TokenizerPieces`): the completion is encoded as a continuation (no special
     tokens, no dummy prefix: `input_ids[completion_start:]` decodes to exactly `seq.text`);
     offsets are compared in UTF-8 bytes, so a student or teacher token that starts inside a
     character is never a boundary; candidates that are empty or partial UTF-8 (contain U+FFFD)
     go to Other, and so do the teacher's special tokens unless the student has the same one (see
-    `StudentPieces.first_ids`); a position whose candidates all go to Other is not KD-valid (it
-    carries no information). `student_tokenizer` is a Hugging Face tokenizer or a `StudentPieces`.
+    `TokenizerPieces.first_ids`); a position whose candidates all go to Other is not KD-valid (it
+    carries no information). `student_tokenizer` is a Hugging Face tokenizer or a `TokenizerPieces`.
 
     Teacher token offsets come from the token strings. A byte-level teacher's tokens can be half a
     character (U+FFFD); they are aligned to the text's bytes, and a boundary inside a run of them
@@ -501,8 +490,8 @@ def project_strings(prompt_ids: list[int], seq: TeacherSequence, student_tokeniz
     as `teacher_tokenizer` (with `seq.token_ids` set): offsets are then exact everywhere, and its
     special tokens (not only `<|...|>` markers) are recognised as such.
     """
-    pieces = StudentPieces.of(student_tokenizer)
-    teacher_pieces = StudentPieces.of(teacher_tokenizer) if teacher_tokenizer is not None else None
+    pieces = TokenizerPieces.of(student_tokenizer)
+    teacher_pieces = TokenizerPieces.of(teacher_tokenizer) if teacher_tokenizer is not None else None
     cs = len(prompt_ids)
     comp_ids, steps = align_completion(seq, pieces, teacher_pieces)
     input_ids = [int(i) for i in prompt_ids] + comp_ids

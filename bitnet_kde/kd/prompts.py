@@ -33,7 +33,6 @@ problem (missing file, bad JSON line, missing or empty prompt, duplicate ids) ra
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -45,7 +44,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_PROMPTS", "Prompt", "PromptLoadError", "load_prompts", "prompt_set_hash", "content_id"]
+from bitnet_kde.kd.traces import content_id
+
+__all__ = ["DEFAULT_PROMPTS", "Prompt", "PromptLoadError", "load_prompts", "prompt_set_hash"]
 
 DEFAULT_PROMPTS = files("bitnet_kde.kd") / "prompt_sets" / "default.jsonl"
 """The shipped prompt set (package data): 7 categories (qa, explain, json, list, code, math,
@@ -72,11 +73,6 @@ class Prompt:
         return asdict(self)
 
 
-def content_id(text: str) -> str:
-    """Stable id of a prompt text: first 16 hex digits of its sha256 (UTF-8)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
 def prompt_set_hash(prompts: Iterable[Prompt]) -> str:
     """Content address of an ordered prompt set: sha256 over (id, text) pairs in order, 16 hex.
 
@@ -85,7 +81,7 @@ def prompt_set_hash(prompts: Iterable[Prompt]) -> str:
     the teacher is asked).
     """
     blob = json.dumps([[p.id, p.prompt] for p in prompts], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+    return content_id(blob)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""A synthetic bigram teacher that writes schema-v1 traces without any language model.
+"""A synthetic trace source that writes schema-v1 traces from a bigram model, without any
+language model or teacher.
 
 It is a stand-in for tests and smoke runs, clearly not a real teacher: a seeded random
 bigram model over an abstract vocabulary of `vocab_size` ids. Its next-token distribution
@@ -9,22 +10,23 @@ learns it shows falling KD loss within a few hundred steps, which is what smoke 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from bitnet_kde import storage
-from bitnet_kde.kd.traces import manifest_complete, trace_metadata, write_manifest, write_trace_shard
+from bitnet_kde.kd.traces import (content_id, manifest_complete, other_from_topk, shard_name, trace_metadata,
+                                   write_manifest, write_trace_shard)
 
 CATEGORIES = ("qa", "explain", "json", "list", "code", "math", "rewrite")
-OTHER_FLOOR = -30.0
-"""Other logprob written when the top-K hold (numerically) all the mass: log(1e-13) instead of -inf."""
 
 
-class BigramTeacher:
-    """Seeded random bigram "teacher" (see module docstring). Call `write(trace_dir)`."""
+class BigramTraceSource:
+    """Seeded random bigram traces (see module docstring), a `TraceSource`: call `write(trace_dir)`.
+
+    `provider` / `model` name it in the trace metadata and in its content address.
+    """
 
     provider = "synthetic"
     model = "bigram"
@@ -48,10 +50,14 @@ class BigramTeacher:
     def trace_set_id(self) -> str:
         """Content address of the trace set: same settings -> same traces -> reuse."""
         blob = json.dumps({"teacher": f"{self.provider}/{self.model}", **self.settings}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return content_id(blob)
 
     def is_complete(self, trace_dir: str | Path) -> bool:
         return manifest_complete(trace_dir, self.trace_set_id)
+
+    def piece_table(self) -> None:
+        """None: the ids are abstract and stand for no text, so no position is a format position."""
+        return None
 
     def log_probs(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)
@@ -62,8 +68,7 @@ class BigramTeacher:
         """Generate all sequences and write shards + manifest into `trace_dir` (folder or storage URL)."""
         lp_table = self.log_probs()
         top_lp, top_ids = lp_table.topk(self.k, dim=-1)
-        other = torch.logsumexp(top_lp, dim=-1)
-        other = torch.log(-torch.expm1(other.clamp(max=0.0))).clamp(min=OTHER_FLOOR, max=0.0)
+        other = [other_from_topk(row) for row in top_lp.tolist()]
         g = torch.Generator().manual_seed(self.seed + 1)
         meta = trace_metadata(
             teacher_provider=self.provider, teacher_model=self.model, k=self.k,
@@ -80,20 +85,20 @@ class BigramTeacher:
             prompt = f"synthetic prompt {i}"
             last = len(seq) - 1  # the final position predicts past the sequence: no teacher there
             rows.append({
-                "id": hashlib.sha256(f"{prompt}|{self.provider}/{self.model}|{self.trace_set_id}".encode()).hexdigest()[:24],
+                "id": content_id(f"{prompt}|{self.provider}/{self.model}|{self.trace_set_id}", n=24),
                 "prompt": prompt,
                 "category": CATEGORIES[i % len(CATEGORIES)],
                 "input_ids": seq,
                 "completion_start": n_prompt,
                 "topk_ids": [top_ids[t].tolist() if j < last else [] for j, t in enumerate(seq)],
                 "topk_logprobs": [top_lp[t].float().tolist() if j < last else [] for j, t in enumerate(seq)],
-                "other_logprob": [float(other[t]) if j < last else 0.0 for j, t in enumerate(seq)],
+                "other_logprob": [other[t] if j < last else 0.0 for j, t in enumerate(seq)],
                 "kd_valid": [j < last for j in range(len(seq))],
                 "teacher_text": " ".join(map(str, seq[n_prompt:])),
             })
             if len(rows) == self.shard_rows or i == self.num_sequences - 1:
-                name = f"kd-{self.trace_set_id}-{len(shards):05d}.parquet"
-                shards.append(write_trace_shard(rows, storage.join(trace_dir, name), meta))
+                path = storage.join(trace_dir, shard_name(self.trace_set_id, len(shards)))
+                shards.append(write_trace_shard(rows, path, meta))
                 rows = []
         write_manifest(trace_dir, shards, {"trace_set": self.trace_set_id, "teacher": f"{self.provider}/{self.model}",
                                            "settings": self.settings, "failures": {}})

@@ -1,16 +1,25 @@
-"""KD trace files: Parquet schema v1, atomic shard writing and validating reads.
+"""KD trace files: Parquet schema v1, atomic shard writing and validating reads, and the
+conventions every trace writer and reader shares (see docs/TRACE_FORMAT.md).
 
 One row per teacher sequence. Every check on read names the file, the row (and its `id`),
 the field and what is wrong, because a bad trace must stop training with a message a user
 can act on, never turn into a NaN loss.
+
+The shared conventions live here so writers cannot drift apart: content ids (`content_id`),
+shard file names (`shard_name`), the Other mass (`other_from_topk`, `OTHER_FLOOR`), reading a
+list column (`list_offsets`) and what a producer of trace sets offers (`TraceSource`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -19,9 +28,15 @@ import pyarrow.parquet as pq
 from bitnet_kde import storage
 
 __all__ = [
+    "OTHER_FLOOR",
     "SCHEMA_VERSION",
     "TRACE_SCHEMA",
+    "TraceSource",
     "TraceValidationError",
+    "content_id",
+    "list_offsets",
+    "other_from_topk",
+    "shard_name",
     "trace_metadata",
     "table_metadata",
     "write_trace_shard",
@@ -53,8 +68,64 @@ SUM_TOLERANCE = 1e-4
 """Allowed excess of sum(exp(topk_logprobs)) over 1 (float32 rounding of K terms)."""
 
 
+OTHER_FLOOR = -30.0
+"""`other_logprob` stored when the candidates hold (numerically) all the mass, instead of -inf."""
+
+
 class TraceValidationError(ValueError):
     """A trace file that cannot be trained on; the message names file, row and field."""
+
+
+class TraceSource(Protocol):
+    """What produces a trace set on demand (the DataModule's `source`): teacher collection
+    (`bitnet_kde.kd.collect.TraceCollector`) or the synthetic bigram source (`bitnet_kde.kd.synthetic`)."""
+
+    @property
+    def trace_set_id(self) -> str:
+        """Content address of the trace set; its shard names and manifest carry it."""
+
+    def is_complete(self, trace_dir: str | os.PathLike) -> bool:
+        """True when `trace_dir` holds this whole trace set (manifest and every shard)."""
+
+    def write(self, trace_dir: str | os.PathLike) -> list[Path | str]:
+        """Write the trace set (the missing part this job owns) into `trace_dir`; return its shards."""
+
+    def piece_table(self) -> Sequence[str] | None:
+        """Text of every student token id (enables the format mask), or None when ids stand for no text."""
+
+
+def content_id(blob: str, n: int = 16) -> str:
+    """Content address of a text: the first `n` hex digits of the sha256 of its UTF-8 bytes.
+
+    Trace-set ids, row ids, prompt ids and prompt-set hashes are all made this way. Existing
+    trace sets are found again by these exact digests, so the recipe must not change.
+    """
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:n]
+
+
+def shard_name(trace_set_id: str, index: int) -> str:
+    """File name of shard `index` of a trace set: `kd-<set id>-<index, 5 digits>.parquet`."""
+    return f"kd-{trace_set_id}-{index:05d}.parquet"
+
+
+def other_from_topk(logprobs: list[float]) -> float:
+    """log(1 - sum exp(logprobs)): the teacher's mass outside its candidates, floored at
+    OTHER_FLOOR, computed stably."""
+    if not logprobs:
+        return 0.0
+    m = max(logprobs)
+    covered = m + math.log(sum(math.exp(lp - m) for lp in logprobs))
+    if covered >= 0.0:
+        return OTHER_FLOOR
+    tail = math.log(-math.expm1(covered)) if covered > -math.log(2) else math.log1p(-math.exp(covered))
+    return max(tail, OTHER_FLOOR)
+
+
+def list_offsets(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(offsets, values) of a list column: row r spans values[offsets[r]:offsets[r+1]]."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offsets = arr.offsets.to_numpy()
+    return offsets - offsets[0], arr.flatten()
 
 
 def trace_metadata(*, teacher_provider: str, teacher_model: str, k: int, sampling: dict,
@@ -218,13 +289,6 @@ def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
     return got == want
 
 
-def _flat(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
-    """(offsets, values) of a list column: row r spans values[offsets[r]:offsets[r+1]]."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    offsets = arr.offsets.to_numpy()
-    return offsets - offsets[0], arr.flatten()
-
-
 def _first_null(col) -> int | None:
     if not col.null_count:
         return None
@@ -233,7 +297,8 @@ def _first_null(col) -> int | None:
 
 def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int | None = None,
                     k_max: int = 128) -> None:
-    """Vectorised checks of SPEC §3; raises `TraceValidationError` for the first bad row."""
+    """Vectorised checks of the schema's rules (docs/TRACE_FORMAT.md, "Reading and validation");
+    raises `TraceValidationError` for the first bad row."""
     ids = table.column("id").to_pylist()
 
     def fail(row: int, field: str, problem: str):
@@ -247,7 +312,8 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
         row = _first_null(table.column(field))
         if row is not None:
             fail(row, field, "is null")
-    lengths = {f: _flat(table.column(f)) for f in ("input_ids", "topk_ids", "topk_logprobs", "other_logprob", "kd_valid")}
+    lengths = {f: list_offsets(table.column(f))
+               for f in ("input_ids", "topk_ids", "topk_logprobs", "other_logprob", "kd_valid")}
     for field, (off, values) in lengths.items():
         idx = _first_null(values)
         if idx is not None:
@@ -276,8 +342,8 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
         fail(row_of(row_off, bad[0]), "input_ids", f"token id {tok[bad[0]]} outside [0, {vocab_size or 'vocab'})")
 
     # Per-position candidate lists: positions -> candidates.
-    pos_off_ids, cand_ids_arr = _flat(lengths["topk_ids"][1])
-    pos_off_lp, cand_lp_arr = _flat(lengths["topk_logprobs"][1])
+    pos_off_ids, cand_ids_arr = list_offsets(lengths["topk_ids"][1])
+    pos_off_lp, cand_lp_arr = list_offsets(lengths["topk_logprobs"][1])
     for field, (off, values) in (("topk_ids", (pos_off_ids, cand_ids_arr)), ("topk_logprobs", (pos_off_lp, cand_lp_arr))):
         idx = _first_null(values)
         if idx is not None:
@@ -335,8 +401,6 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
 
 def write_manifest(trace_dir: str | os.PathLike, shards: list, info: dict) -> Path | str:
     """Write `manifest.json` (atomically) listing shards with row counts and sha256 hashes."""
-    import hashlib
-
     entries = []
     for shard in shards:
         digest = hashlib.sha256()

