@@ -1,7 +1,6 @@
 """Start-up shared by the root entry points (train, collect, eval, teacher baseline, dry-run).
 
-Before Hydra reads the command line, `run` loads `.env`, registers the config resolvers that
-configs/paths uses and turns `TEACHER_PROVIDER` and `STORAGE` from the environment into
+Before Hydra reads the command line, `run` loads `.env` and turns `TEACHER_PROVIDER` and `STORAGE` from the environment into
 `teacher=` / `storage=` arguments; an argument given on the command line always wins.
 """
 
@@ -10,14 +9,33 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from bitnet_kde import storage
-from bitnet_kde.env import group_from_env, load_dotenv_file, teacher_from_env
+# importing storage registers the config resolvers that configs/paths uses
+from bitnet_kde import storage  # noqa: F401
 
 TEACHER_VARIABLE = "TEACHER_PROVIDER"
 """Names the `teacher=` config of every stage that has a teacher."""
 OLD_PROVIDER_VARIABLE = "PROVIDER"
 """The teacher baseline's former name for it, still read there while TEACHER_PROVIDER is unset."""
+
+
+def load_dotenv_file(path: str | Path = ".env") -> bool:
+    """Load `KEY=value` lines from `.env` into the environment (existing variables win).
+
+    Keys are read from the environment at use time; nothing here copies them into configs.
+    """
+    from dotenv import load_dotenv
+
+    return load_dotenv(path, override=False)
+
+
+def group_from_env(argv: list[str], variable: str, group: str) -> list[str]:
+    """Add `<group>=<$variable>` to Hydra's arguments unless the command line already picks one."""
+    value = os.environ.get(variable, "").strip()
+    if not value or any(a.split("=", 1)[0].lstrip("+~") == group for a in argv[1:]):
+        return argv
+    return [*argv, f"{group}={value}"]
 
 
 def _teacher_variable(accept_old_provider: bool = False) -> str:
@@ -34,17 +52,16 @@ def hydra_argv(argv: list[str], *, teacher: bool = True, accept_old_provider: bo
     """`argv` plus `teacher=$TEACHER_PROVIDER` (stages with a teacher) and `storage=$STORAGE`,
     each unless the command line already chooses that group."""
     if teacher:
-        argv = teacher_from_env(argv, _teacher_variable(accept_old_provider))
+        argv = group_from_env(argv, _teacher_variable(accept_old_provider), "teacher")
     return group_from_env(argv, "STORAGE", "storage")
 
 
 def run(main: Callable[[], object], *, teacher: bool = True, accept_old_provider: bool = False) -> None:
-    """Run a `@hydra.main` function as the program: `.env`, resolvers, environment groups, then Hydra.
+    """Run a `@hydra.main` function as the program: `.env`, environment groups, then Hydra.
 
     `teacher=False` for stages without a teacher (the dry-run); `accept_old_provider=True` where
     PROVIDER used to be read (the teacher baseline).
     """
     load_dotenv_file()
-    storage.register_resolvers()
     sys.argv = hydra_argv(sys.argv, teacher=teacher, accept_old_provider=accept_old_provider)
     main()

@@ -16,35 +16,8 @@ import os
 import platform
 from pathlib import Path
 
+from bitnet_kde import cli, storage
 from bitnet_kde.teachers.api import is_local
-
-
-def load_dotenv_file(path: str | Path = ".env") -> bool:
-    """Load `KEY=value` lines from `.env` into the environment (existing variables win).
-
-    Keys are read from the environment at use time; nothing here copies them into configs.
-    """
-    from dotenv import load_dotenv
-
-    return load_dotenv(path, override=False)
-
-
-def group_from_env(argv: list[str], variable: str, group: str) -> list[str]:
-    """Add `<group>=<$variable>` to Hydra's arguments unless the command line already picks one.
-
-    `TEACHER_PROVIDER` chooses the KD teacher (collect, train), `PROVIDER` the chat provider
-    (teacher baseline) and `STORAGE` the storage backend, so all can live in `.env`; an argument
-    on the command line always wins.
-    """
-    value = os.environ.get(variable, "").strip()
-    if not value or any(a.split("=", 1)[0].lstrip("+~") == group for a in argv[1:]):
-        return argv
-    return [*argv, f"{group}={value}"]
-
-
-def teacher_from_env(argv: list[str], variable: str) -> list[str]:
-    """`teacher=<$variable>` unless given (see `group_from_env`)."""
-    return group_from_env(argv, variable, "teacher")
 
 
 def report() -> list[str]:
@@ -76,7 +49,7 @@ def compose_config(argv: list[str]):
     so `make check_env ARGS=...` accepts the same ARGS as the other targets)."""
     from hydra import compose, initialize_config_dir
 
-    argv = group_from_env(teacher_from_env(["env", *argv], "TEACHER_PROVIDER"), "STORAGE", "storage")[1:]
+    argv = cli.hydra_argv(["env", *argv])[1:]
     overrides = [a for a in argv if a.split("=", 1)[0].lstrip("+~").split(".")[0] in _GROUPS]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=True)
@@ -105,8 +78,6 @@ def teacher_lines(cfg) -> tuple[list[str], list[str]]:
 
 def storage_lines(cfg) -> tuple[list[str], list[str]]:
     """Report lines and problems for the store: variables, then a real request to it."""
-    from bitnet_kde import storage
-
     b = storage.configure(cfg.get("storage"))
     root = str(cfg.paths.root)
     b = storage.backend_of(root) if "://" in root else b
@@ -145,8 +116,6 @@ def check(argv: list[str]) -> int:
 
 def ensure_dirs(argv: list[str]) -> int:
     """Create data/, reports/ and checkpoints on the configured store and logs/ locally."""
-    from bitnet_kde import storage
-
     cfg = compose_config(argv)
     try:
         storage.configure(cfg.get("storage"))
@@ -167,7 +136,7 @@ def ensure_dirs(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    load_dotenv_file()
+    cli.load_dotenv_file()
     command = argv[0] if argv and argv[0] in ("check", "ensure_dirs") else "check"
     rest = argv[1:] if argv and argv[0] in ("check", "ensure_dirs") else argv
     return check(rest) if command == "check" else ensure_dirs(rest)

@@ -522,13 +522,11 @@ def _run_dir_on_store(root: str, log_dir: str, output_dir: str) -> str:
 
 
 def register_resolvers() -> None:
-    """Register `local_dir` and `run_dir_on_store`, which configs/paths uses (idempotent).
-
-    Whatever composes configs calls it first: the entry points through `bitnet_kde.cli`, the
-    tests in their conftest. Importing this module also registers them, for `bitnet_kde.env`.
-    """
+    """Register `local_dir` and `run_dir_on_store`, which configs/paths uses (idempotent)."""
     OmegaConf.register_new_resolver("local_dir", _local_dir, replace=True)
     OmegaConf.register_new_resolver("run_dir_on_store", _run_dir_on_store, replace=True)
 
 
+# At import, not only in the entry points' start-up: a launcher such as submitit unpickles the
+# task in a fresh worker process and resolves the config there, after importing this module.
 register_resolvers()

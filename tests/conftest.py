@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bitnet_kde import storage
+# importing storage registers the config resolvers that configs/paths uses (tests compose configs)
+from bitnet_kde import storage  # noqa: F401
 from bitnet_kde.kd.synthetic import BigramTraceSource
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Tests compose configs with Hydra's compose API, not through the entry points' bootstrap.
-storage.register_resolvers()
 
-
-def small_teacher(**kw) -> BigramTraceSource:
+def small_source(**kw) -> BigramTraceSource:
     args = dict(vocab_size=64, k=8, num_sequences=48, prompt_len=(2, 6), completion_len=(8, 24), seed=0)
     args.update(kw)
     return BigramTraceSource(**args)
@@ -28,7 +26,7 @@ def small_teacher(**kw) -> BigramTraceSource:
 def trace_dir(tmp_path_factory) -> Path:
     """A written synthetic trace set (vocab 64, K=8, 48 rows) shared by the session."""
     d = tmp_path_factory.mktemp("traces")
-    small_teacher().write(d)
+    small_source().write(d)
     return d
 
 

@@ -16,7 +16,10 @@ from conftest import ROOT
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in ("TEACHER_PROVIDER", "PROVIDER", "STORAGE"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then delete: monkeypatch then restores the variable's original state at teardown,
+        # including removing what `.env` loading writes into os.environ during a test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     return monkeypatch
 
 

@@ -49,13 +49,3 @@ def test_optuna_search_space_composes(tmp_path):
     cfg = cfg_with(tmp_path, "hparams_search=optuna")
     assert cfg.hydra.sweeper.direction == "minimize"
     assert cfg.optimized_metric == "val/kd"
-
-
-def test_teacher_chosen_from_environment_unless_given_on_the_command_line(monkeypatch):
-    from bitnet_kde.env import teacher_from_env
-
-    monkeypatch.setenv("TEACHER_PROVIDER", "openai")
-    assert teacher_from_env(["collect.py", "x=1"], "TEACHER_PROVIDER") == ["collect.py", "x=1", "teacher=openai"]
-    assert teacher_from_env(["collect.py", "teacher=vllm"], "TEACHER_PROVIDER") == ["collect.py", "teacher=vllm"]
-    monkeypatch.setenv("PROVIDER", "")
-    assert teacher_from_env(["teacher_baseline.py"], "PROVIDER") == ["teacher_baseline.py"]

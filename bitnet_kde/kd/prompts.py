@@ -44,6 +44,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from bitnet_kde import storage
 from bitnet_kde.kd.traces import content_id
 
 __all__ = ["DEFAULT_PROMPTS", "Prompt", "PromptLoadError", "load_prompts", "prompt_set_hash"]
@@ -156,8 +157,6 @@ def _read_datasets(spec: Mapping[str, Any], label: str) -> tuple[Iterator[tuple[
 
 def _read_url(url: str) -> tuple[Iterator[tuple[str, Any, str | None]], str]:
     """A prompt file on a store (`s3://.../prompts.jsonl`): fetched through `bitnet_kde.storage`."""
-    from bitnet_kde import storage
-
     kind = _FILE_SUFFIXES.get(Path(url.split("?", 1)[0]).suffix.lower())
     if kind is None:
         raise PromptLoadError(f"{url}: unsupported file type; a prompt URL must end in .jsonl, .json or .parquet")
