@@ -9,7 +9,7 @@ import torch
 from bitnet_kde.data import KDTraceDataModule
 from bitnet_kde.training import ActivationFlip, DistillationModule
 
-from conftest import small_teacher
+from conftest import small_source
 
 
 class Recorder(pl.Callback):
@@ -111,7 +111,7 @@ def test_flip_counts_tokens_from_two_processes(tmp_path):
     """ddp_spawn over 2 CPU processes (gloo): the count is the sum over both ranks' batches."""
     n = 40
     while True:  # an even number of train rows, so DistributedSampler adds no padding duplicates
-        teacher = small_teacher(num_sequences=n)
+        teacher = small_source(num_sequences=n)
         teacher.write(tmp_path / f"t{n}")
         dm = KDTraceDataModule(str(tmp_path / f"t{n}"), vocab_size=64, batch_size=4, num_workers=0)
         dm.setup()

@@ -29,6 +29,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from bitnet_kde.checkpoint import load_student
 from bitnet_kde.data.datamodule import TraceDataset, collate_traces
 from bitnet_kde.eval.metrics import (
     QUALITY_METRICS,
@@ -42,7 +43,6 @@ from bitnet_kde.eval.metrics import (
 from bitnet_kde.kd.collect import TraceCollector
 from bitnet_kde.kd.traces import read_traces, table_metadata
 from bitnet_kde.model import BitNetLM, PackedBitLinear
-from bitnet_kde.checkpoint import load_student
 from bitnet_kde.model.packed import packed_copy
 from bitnet_kde.runinfo import run_info
 from bitnet_kde.teachers.base import SamplingConfig, TeacherFailure

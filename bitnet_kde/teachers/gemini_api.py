@@ -60,7 +60,6 @@ def _is_timeout(exc: BaseException) -> bool:
 class GeminiTeacher(APITeacherBase):
     """Gemini via `google.genai.Client(...).aio.models.generate_content` with logprobs (<= 20)."""
 
-
     def __init__(self, model: str, provider: str = "gemini", base_url: str | None = None,
                  api_key_env: str = "GEMINI_API_KEY", logprobs: bool = True, max_concurrency: int = 4,
                  max_retries: int = 5, timeout_s: float = 60.0, max_prompts: int | None = None,

@@ -29,7 +29,6 @@ class OpenAITeacher(APITeacherBase):
     `Retry-After` over 120 s is not retried (we then report `rate_limited`).
     """
 
-
     def __init__(self, model: str, provider: str = "openai", base_url: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", logprobs: bool = True, max_concurrency: int = 8,
                  max_retries: int = 5, timeout_s: float = 60.0, max_prompts: int | None = None,
