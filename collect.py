@@ -13,13 +13,14 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from bitnet_kde import cli, storage
+from bitnet_kde import cli, settings, storage
 
 log = logging.getLogger("collect")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="collect")
 def main(cfg: DictConfig) -> None:
+    settings.check(cfg, exit_on_error=True)
     storage.setup(cfg, cfg.trace_dir, exit_on_error=True)
     collector = instantiate(cfg.collection)
     if collector.is_complete(cfg.trace_dir):

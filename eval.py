@@ -11,7 +11,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from bitnet_kde import cli, storage
+from bitnet_kde import cli, settings, storage
 from bitnet_kde.eval.evaluate import evaluate
 from bitnet_kde.eval.report import log_tensorboard, plot_quality
 
@@ -20,6 +20,7 @@ log = logging.getLogger("eval")
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
+    settings.check(cfg, exit_on_error=True)
     storage.setup(cfg, cfg.trace_dir, cfg.report_path, cfg.ckpt_path, exit_on_error=True)
     report = evaluate(cfg)
     out = storage.write_json_atomic(cfg.report_path, report)

@@ -11,7 +11,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from bitnet_kde import cli, storage
+from bitnet_kde import cli, settings, storage
 from bitnet_kde.eval.teacher_baseline import baseline
 
 log = logging.getLogger("teacher_baseline")
@@ -19,6 +19,7 @@ log = logging.getLogger("teacher_baseline")
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="teacher_baseline")
 def main(cfg: DictConfig) -> None:
+    settings.check(cfg, exit_on_error=True)
     storage.setup(cfg, cfg.report_path, exit_on_error=True)
     report = baseline(cfg)
     out = storage.write_json_atomic(cfg.report_path, report)

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bitnet_kde import cli, storage
+from bitnet_kde import cli, settings, storage
 from bitnet_kde.training import DistillationModule
 
 log = logging.getLogger("train")
@@ -55,6 +55,7 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    settings.check(cfg, exit_on_error=True)
     return train(cfg)
 
 
