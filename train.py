@@ -39,7 +39,9 @@ def train(cfg: DictConfig) -> float | None:
 
     if cfg.validate_before_fit:
         trainer.validate(module, datamodule=datamodule)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # weights_only=True always: Lightning's default turns it off for http(s) paths, and a resumed
+    # checkpoint is a pickle that could otherwise run code (storage.setup has refused http(s) already)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     if cfg.optimized_metric and cfg.optimized_metric not in trainer.callback_metrics:
         # The run ended before its first validation (e.g. max_steps < val_check_interval):
         # validate the final weights so a sweeper always gets a number.

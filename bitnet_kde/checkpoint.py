@@ -4,11 +4,17 @@ A training checkpoint is the file Lightning writes for `train.py` (`last.ckpt`),
 store `bitnet_kde.storage` reaches. It is read with `torch.load(weights_only=True)`, without
 Lightning: the student is rebuilt from the saved `model` hyper-parameter, as `DistillationModule`
 builds it, and gets the `model.`-prefixed tensors of its state dict and the saved activation mode.
+
+A checkpoint is a pickle, and a pickle can run code when it is read. The weights-only unpickler
+allows only tensors and plain containers, so a file holding anything else is refused, never
+run; and only the storage module's protocols are read (an `http(s)://` URL is refused with the
+list of them; docs/STORAGE.md).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 
@@ -20,6 +26,14 @@ STUDENT_PREFIX = "model."
 """Where `DistillationModule` keeps the student, so where its tensors sit in the state dict."""
 
 
+def _refused_object(error: pickle.UnpicklingError) -> str:
+    """The line of torch's page-long refusal that names the object (e.g. `GLOBAL io.open`)."""
+    for line in str(error).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(" Please use")[0].strip()
+    return type(error).__name__
+
+
 def load_student(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BitNetLM:
     """The student of a training checkpoint or of a packed export directory, in eval mode.
 
@@ -29,7 +43,11 @@ def load_student(path: str | os.PathLike, map_location: str | torch.device = "cp
     if is_export_dir(path):
         return load_packed(path, map_location=map_location)
     with storage.open_url(path, "rb") as f:
-        checkpoint = torch.load(f, map_location=map_location, weights_only=True)
+        try:
+            checkpoint = torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: refused to load: the checkpoint holds objects other than tensors and plain "
+                             f"containers ({_refused_object(e)}); only load checkpoints you trust") from None
     spec = checkpoint.get("hyper_parameters", {}).get("model")
     if spec is None:
         raise ValueError(f"{path}: not a bitnet-kde training checkpoint (no 'model' hyper-parameter)")

@@ -11,11 +11,11 @@ The export keeps the checkpoint's activation mode (A8, or A4 after the flip). Lo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
+from bitnet_kde import storage
 from bitnet_kde.checkpoint import load_student
 from bitnet_kde.export.native import export_packed, load_packed
 
@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="reload the export and compare its logits with the checkpoint's on a random batch")
     args = ap.parse_args(argv)
 
-    model = load_student(args.checkpoint)
+    try:
+        model = load_student(args.checkpoint)
+    except (storage.StorageError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tokenizer = None
     if args.tokenizer.lower() != "none":
         from bitnet_kde.tokenizer import load_student_tokenizer
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  model.safetensors on disk:       {_mb(summary['weights_file_bytes'])}")
     print(f"  the same weights in fp32:        {_mb(summary['fp32_weight_bytes'])} "
           f"({summary['fp32_weight_bytes'] / summary['weights_file_bytes']:.1f}x the export)")
-    print(f"  checkpoint file (incl. optimizer state): {_mb(os.path.getsize(args.checkpoint))}")
+    fs, path = storage.resolve(args.checkpoint)
+    print(f"  checkpoint file (incl. optimizer state): {_mb(fs.size(path))}")
 
     if args.verify:
         loaded = load_packed(args.out_dir)
