@@ -50,6 +50,40 @@ def test_flip_triggers_at_first_step_reaching_budget(trace_dir, tmp_path):
     assert all(m.activation_bits == 4 for m in module.model.bitlinears())
 
 
+class BitsAtForward(pl.Callback):
+    """(global step, activation bits) at the start of every micro-batch: the width its forward runs at."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rows.append((trainer.global_step, pl_module.model.activation_bits))
+
+
+@pytest.mark.parametrize("crossing", [0, 4])
+def test_flip_waits_for_the_optimizer_step_boundary(trace_dir, tmp_path, crossing):
+    """With accumulate_grad_batches=2 the budget is crossed on the first micro-batch of a step
+    (micro-batch `crossing`); the flip comes after the second one, so no step mixes A8 and A4."""
+    pl.seed_everything(0)
+    datamodule, module = make(trace_dir)
+    count = Recorder(ActivationFlip(flip_at_tokens=10**9))
+    trainer([count.flip, count], 4, tmp_path, accumulate_grad_batches=2).fit(module, datamodule=datamodule)
+    budget = count.rows[crossing][1]  # the cumulative count is first reached at that micro-batch
+
+    pl.seed_everything(0)  # the same data order as above
+    datamodule, module = make(trace_dir)
+    flip, bits = ActivationFlip(flip_at_tokens=budget), BitsAtForward()
+    trainer([flip, bits], 4, tmp_path, accumulate_grad_batches=2).fit(module, datamodule=datamodule)
+    step_of_crossing = bits.rows[crossing][0]
+    assert [s for s, _ in bits.rows[crossing:crossing + 2]] == [step_of_crossing] * 2, "crossing opens a step"
+    widths: dict[int, set[int]] = {}
+    for step, b in bits.rows:
+        widths.setdefault(step, set()).add(b)
+    assert all(len(w) == 1 for w in widths.values()), f"a step mixed A8 and A4: {widths}"
+    assert flip.flip_step == step_of_crossing + 1
+    assert widths[step_of_crossing] == {8} and widths[flip.flip_step] == {4}
+
+
 def test_disabled_flip_counts_but_stays_a8(trace_dir, tmp_path):
     datamodule, module = make(trace_dir)
     flip = ActivationFlip(flip_at_tokens=10, enabled=False)

@@ -39,6 +39,7 @@ class ActivationFlip(pl.Callback):
         self.tokens_seen = 0
         self.flipped = False
         self.flip_step: int | None = None
+        self._step_at_batch_start = 0
 
     # -- resolving the flip point -------------------------------------------------------
     def _estimate_budget(self, trainer: pl.Trainer) -> int | None:
@@ -70,11 +71,17 @@ class ActivationFlip(pl.Callback):
         pl_module.model.set_activation_bits(4 if self.flipped else 8)
 
     # -- counting -----------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         local = batch["loss_mask"].sum().to(device=pl_module.device, dtype=torch.long)
         total = trainer.strategy.reduce(local, reduce_op="sum")
         self.tokens_seen += int(total)
-        if self.enabled and not self.flipped and self.tokens_seen >= self.flip_at_tokens:
+        # An optimizer step ran in this batch iff global_step moved: with accumulate_grad_batches > 1
+        # the earlier micro-batches of a step must not flip, or one step would mix A8 and A4 gradients.
+        step_boundary = trainer.global_step > self._step_at_batch_start
+        if self.enabled and not self.flipped and step_boundary and self.tokens_seen >= self.flip_at_tokens:
             pl_module.model.set_activation_bits(4)
             self.flipped = True
             self.flip_step = trainer.global_step
