@@ -23,7 +23,7 @@ def composed(config: str, *overrides: str):
 
 
 @pytest.mark.parametrize("config, overrides", [
-    ("train", ()), ("train", ("experiment=smoke",)), ("train", ("data=parquet", "model=tiny", "data.max_seq_len=256")),
+    ("train", ()), ("train", ("experiment=smoke",)), ("train", ("data=parquet", "model=tiny")), ("train", ("model=tiny",)), ("train", ("model=7b",)),
     ("train", ("experiment=ablation_ce_only",)), ("train", ("teacher=openai",)),
     ("collect", ()), ("collect", ("teacher=openai",)), ("eval", ()), ("teacher_baseline", ()),
 ])
@@ -145,7 +145,7 @@ def test_messages_name_key_value_and_range():
     assert refused("train", "model=tiny", "data.max_seq_len=512") == (
         "invalid setting data.max_seq_len=512: must be <= the student's max_seq_len (256 for model=tiny)")
     # a model override of max_seq_len counts, not only the preset's
-    settings.check(composed("train", "model=tiny", "+model.max_seq_len=512", "data.max_seq_len=512"))
+    settings.check(composed("train", "model=tiny", "model.max_seq_len=512", "data.max_seq_len=512"))
     assert "must be a number" in refused("train", "loss.tau=abc")
     assert "must be a number" in refused("train", "loss.tau=true")
 
