@@ -109,6 +109,21 @@ def test_bad_trace_file_stops_training_with_a_clear_error(tmp_path):
     assert "kd-0.parquet" in proc.stderr and "not a readable Parquet file" in proc.stderr
 
 
+def test_diverging_run_stops_with_the_step_and_writes_no_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    # lr=1e30 is a valid setting, but the first update blows the weights up: the loss turns NaN
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"paths.root={tmp_path}", "data.num_workers=0",
+                           *SMOKE, "data.source.num_sequences=32", "optim.lr=1e30", "optim.warmup_steps=0",
+                           "trainer.max_steps=6", "trainer.val_check_interval=3"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "NonFiniteLossError: non-finite training loss at step " in proc.stderr
+    assert "kd=nan" in proc.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 @pytest.mark.slow
 def test_optuna_sweep_returns_the_optimized_metric(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")

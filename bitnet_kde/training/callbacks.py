@@ -1,16 +1,43 @@
-"""Training callbacks besides the flip: quantization statistics and the TensorBoard hparams tab."""
+"""Training callbacks besides the flip: finite validation metrics, quantization statistics and the
+TensorBoard hparams tab."""
 
 from __future__ import annotations
+
+import math
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 from bitnet_kde.quant import ternary_weight
+from bitnet_kde.training.module import NonFiniteLossError
 
 
 def _tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+class FiniteMetrics(pl.Callback):
+    """Stop a training run when a validation metric (`val/...`) is NaN or infinite.
+
+    It runs at the end of each validation before any `ModelCheckpoint` (Lightning always calls
+    checkpoint callbacks last), so no checkpoint of NaN weights is written, named after a NaN
+    metric, or selected as best; the checkpoints of earlier validations stay as they were.
+    """
+
+    def __init__(self, prefix: str = "val/"):
+        self.prefix = prefix
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        bad = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith(self.prefix) and not math.isfinite(float(v))}
+        if bad:
+            which = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+            raise NonFiniteLossError(f"non-finite validation metric at step {trainer.global_step}: {which}; the "
+                                     "run stops without writing a checkpoint of these weights")
 
 
 class QuantStats(pl.Callback):

@@ -14,6 +14,12 @@ from bitnet_kde.model import BitNetConfig, BitNetLM
 from bitnet_kde.model.sizing import measure_flops_per_token
 
 LOGGED = ("kd", "ce", "format", "top1_agree")
+TERMS = ("kd", "ce", "format")
+"""The terms of the training loss, checked for non-finite values every step."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss term or a validation metric became NaN or infinite; the run stops there."""
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -68,8 +74,24 @@ class DistillationModule(pl.LightningModule):
         # compute) at a typical length; ThroughputMonitor turns it into FLOP/s (and MFU on GPUs).
         self.flops_per_token = measure_flops_per_token(self.model.cfg, min(256, self.model.cfg.max_seq_len))
 
-    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+    def _check_finite(self, out: dict, batch_idx: int) -> None:
+        """Stop on a NaN/inf loss before the optimizer sees it (one device sync for all terms)."""
+        names = (*TERMS, "loss")
+        values = torch.stack([out[t].detach().float() for t in names])
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = {t: v for t, v in zip(names, values.tolist()) if not math.isfinite(v)}
+        # the total is non-finite whenever a term is: name the terms, the total only on its own
+        terms = {t: v for t, v in bad.items() if t != "loss"} or bad
+        which = ", ".join(f"{t}={v}" for t, v in terms.items())
+        raise NonFiniteLossError(
+            f"non-finite training loss at step {self.global_step} (batch {batch_idx}): {which}; the run stops "
+            "without writing a checkpoint of these weights (check loss.tau, optim.lr and the traces)")
+
+    def _step(self, batch: dict, stage: str, batch_idx: int = 0) -> torch.Tensor:
         out = self.loss_fn(self.model(batch["input_ids"]), batch)
+        if stage == "train":
+            self._check_finite(out, batch_idx)
         n = int(out["n_tokens"])
         on_step = stage == "train"
         self.log_dict({f"{stage}/{k}": out[k] for k in LOGGED}, on_step=on_step, on_epoch=not on_step,
@@ -83,7 +105,7 @@ class DistillationModule(pl.LightningModule):
         if steps:
             self.model.set_quant_lambda(self.global_step / steps)
         self.flops_per_batch = int(self.flops_per_token * batch["input_ids"].numel())
-        return self._step(batch, "train")
+        return self._step(batch, "train", batch_idx)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "val")
