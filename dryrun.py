@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bitnet_kde import cli, storage
+from bitnet_kde import cli, settings, storage
 from bitnet_kde.dryrun import print_report, run_dryrun
 
 log = logging.getLogger("dryrun")
@@ -26,6 +26,7 @@ log = logging.getLogger("dryrun")
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="dryrun")
 def main(cfg: DictConfig) -> None:
+    settings.check(cfg, exit_on_error=True)
     storage.setup(cfg, cfg.report_path, exit_on_error=True)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
