@@ -60,8 +60,8 @@ LOCAL_PROVIDERS = frozenset({"vllm", "llamacpp", "llama_cpp", "ollama", "local",
 
 MAX_MESSAGE_CHARS = 600
 
-__all__ = ["APITeacherBase", "backoff_delay", "is_local", "is_local_url", "parse_retry_after", "run_sync",
-           "shared_ssl_context", "to_plain"]
+__all__ = ["APITeacherBase", "backoff_delay", "is_local", "is_local_url", "parse_retry_after", "resolve_key",
+           "run_sync", "shared_ssl_context", "to_plain"]
 
 
 def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -96,6 +96,18 @@ def is_local(provider: str | None, base_url: str | None) -> bool:
     """True for a local server that may run without an API key: a local provider name
     (`LOCAL_PROVIDERS`: vllm, llamacpp, ollama, ...) or a loopback / private `base_url`."""
     return str(provider or "").lower() in LOCAL_PROVIDERS or is_local_url(base_url)
+
+
+def resolve_key(name: str, provider: str | None, base_url: str | None, api_key_env: str) -> str:
+    """The key in `$api_key_env` (read now, from the environment), the no-key placeholder for a
+    local server, or a `TeacherError` naming the variable to set."""
+    key = os.environ.get(api_key_env, "").strip()
+    if key:
+        return key
+    if is_local(provider, base_url):
+        return NO_KEY_PLACEHOLDER
+    raise TeacherError(f"{name}: no API key: the environment variable {api_key_env} is not set "
+                       f"(export it or put it in .env; keys are never read from config files)")
 
 
 def to_plain(obj: Any) -> Any:
@@ -271,14 +283,7 @@ class APITeacherBase(Teacher):
 
     def _resolve_key(self) -> str:
         """Read the key from the environment now (never stored on the object)."""
-        key = os.environ.get(self.api_key_env, "").strip()
-        if key:
-            return key
-        if self._is_local():
-            return NO_KEY_PLACEHOLDER
-        raise TeacherError(
-            f"{self.name}: no API key: the environment variable {self.api_key_env} is not set "
-            f"(export it or put it in .env; keys are never read from config files)")
+        return resolve_key(self.name, self.provider, self.base_url, self.api_key_env)
 
     # -- subclass hooks -------------------------------------------------------------------------
     def _make_client(self, key: str) -> Any:  # pragma: no cover - abstract
