@@ -246,6 +246,19 @@ def test_missing_key_for_a_remote_provider_fails_when_the_teacher_is_built(monke
         AnthropicTeacher(model="claude-test")
 
 
+def test_credentials_are_checked_from_the_config_without_building_the_teacher(monkeypatch):
+    from bitnet_kde.teachers import check_credentials
+
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    with pytest.raises(TeacherError, match="OPENAI_API_KEY is not set"):
+        check_credentials(OmegaConf.load(CONFIGS / "openai.yaml"))
+    check_credentials(OmegaConf.load(CONFIGS / "vllm.yaml"))  # a local server: no key needed
+    check_credentials(OmegaConf.load(CONFIGS / "local_smollm2.yaml"))  # in-process
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    check_credentials(OmegaConf.load(CONFIGS / "openai.yaml"))
+
+
 def test_local_server_needs_no_key(server, monkeypatch):
     monkeypatch.delenv("TESTPROV_API_KEY", raising=False)
     (seq,) = teacher(server).generate(["hi"], SamplingConfig(top_k=1))
