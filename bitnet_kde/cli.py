@@ -168,7 +168,7 @@ def run(main: Callable[[], object], *, teacher: bool = True, accept_old_provider
     stderr, sys.stderr = sys.stderr, _WithoutHydraBanner(sys.stderr)
     try:
         main()
-    except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs below
+    except Exception as exc:  # sorted into user errors and bugs below
         if user_error(exc) is None:
             raise
         sys.stderr = stderr

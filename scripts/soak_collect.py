@@ -39,7 +39,7 @@ from bitnet_kde.runinfo import run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from fault_server import FaultPlan, serve_in_subprocess  # noqa: E402
+from fault_server import FaultPlan, serve_in_subprocess
 
 
 def _stats(url: str) -> dict:
@@ -84,22 +84,21 @@ def soak(args: argparse.Namespace) -> dict:
             # kill points spread over the run: after a random shard count in the k-th slice, plus a delay
             target = rng.randint(max(1, chunks * k // (args.kills + 1)), max(1, chunks * (k + 1) // (args.kills + 1)))
             delay = rng.uniform(0.0, 0.5)
-            log = open(work / f"run{k}.log", "w")
             t_run = time.perf_counter()
-            proc = subprocess.Popen(_collect_cmd(work, prompts_file, url, args), cwd=work, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT)
             before = len(_shards(trace_dir)) if trace_dir.exists() else 0
             killed = False
-            while proc.poll() is None:
-                if not last and trace_dir.exists() and len(_shards(trace_dir)) >= target:
-                    time.sleep(delay)
-                    if proc.poll() is None:
-                        proc.send_signal(signal.SIGKILL)
-                        killed = True
-                    break
-                time.sleep(0.02)
-            rc = proc.wait()
-            log.close()
+            with open(work / f"run{k}.log", "w") as log:
+                proc = subprocess.Popen(_collect_cmd(work, prompts_file, url, args), cwd=work, env=env,
+                                        stdout=log, stderr=subprocess.STDOUT)
+                while proc.poll() is None:
+                    if not last and trace_dir.exists() and len(_shards(trace_dir)) >= target:
+                        time.sleep(delay)
+                        if proc.poll() is None:
+                            proc.send_signal(signal.SIGKILL)
+                            killed = True
+                        break
+                    time.sleep(0.02)
+                rc = proc.wait()
             runs.append({"run": k, "killed": killed, "returncode": rc, "shards_before": before,
                          "shards_after": len(_shards(trace_dir)), "seconds": round(time.perf_counter() - t_run, 1)})
             if last and rc != 0:

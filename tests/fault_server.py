@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -150,7 +150,7 @@ class FaultPlan:
     persistent: float = 0.5
     retry_after_s: float = 0.05
 
-    REASONS = {"server_error": "server_error", "rate_limited": "rate_limited", "dropped": "connection_error",
+    REASONS: ClassVar[dict[str, str]] = {"server_error": "server_error", "rate_limited": "rate_limited", "dropped": "connection_error",
                "malformed": "malformed_response"}
 
     def draw(self, prompt: str) -> tuple[str | None, bool]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import importlib.util
-import json
 import logging
 import math
 import pickle

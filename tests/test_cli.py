@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 from omegaconf import OmegaConf
 
 from bitnet_kde import cli
-from conftest import ROOT
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def test_config_errors_are_one_line_naming_the_key(log_file, capsys):
     from omegaconf.errors import ConfigAttributeError
 
     try:
-        OmegaConf.create({"data": {"source": {"num_sequences": 96}}}).data.source.is_complete
+        _ = OmegaConf.create({"data": {"source": {"num_sequences": 96}}}).data.source.is_complete
     except ConfigAttributeError as e:
         missing = e
     with pytest.raises(SystemExit):
@@ -158,7 +158,7 @@ def test_entry_points_end_a_user_error_with_one_line(tmp_path, script, args, say
            if k not in ("TEACHER_PROVIDER", "STORAGE", "OPENAI_API_KEY", cli.DEBUG_VARIABLE, "HYDRA_FULL_ERROR")}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run([sys.executable, str(ROOT / script), *args, f"paths.root={tmp_path}"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr and "Error executing job" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]

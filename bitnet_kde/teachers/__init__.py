@@ -29,5 +29,13 @@ def check_credentials(cfg) -> None:
     resolve_key(name, cfg.get("provider"), cfg.get("base_url"), str(cfg.get("api_key_env")))
 
 
-__all__ = ["build_teacher", "check_credentials", "LogprobsUnsupported", "SamplingConfig", "Teacher", "TeacherError", "TeacherFailure",
-           "TeacherSequence"]
+__all__ = [
+    "LogprobsUnsupported",
+    "SamplingConfig",
+    "Teacher",
+    "TeacherError",
+    "TeacherFailure",
+    "TeacherSequence",
+    "build_teacher",
+    "check_credentials",
+]

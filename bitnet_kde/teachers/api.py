@@ -10,8 +10,9 @@
   logprobs raises `LogprobsUnsupported`;
 * every other per-prompt problem becomes a `TeacherFailure(prompt, reason, message)` in that
   prompt's slot, never a dropped prompt. Reasons: `rate_limited`, `server_error`, `timeout`,
-  `connection_error`, `missing_logprobs`, `malformed_response`, `prompt_too_long`, `spend_cap`,
-  `error` (anything unexpected);
+  `connection_error`, `missing_logprobs` (no or empty log-probabilities beside a text),
+  `logprobs_mismatch` (their tokens spell another text), `malformed_response`, `prompt_too_long`,
+  `spend_cap`, `error` (anything unexpected);
 * spend caps: `max_prompts` (requests sent by this teacher object, across calls) and
   `max_total_tokens` (running prompt + completion tokens from the responses' usage). Checked
   when a request is about to be sent, so in-flight requests may overshoot the token cap by at
