@@ -24,6 +24,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
     "open_atomic",
     "open_url",
     "read_json",
+    "redact_urls",
     "resolve",
     "setup",
     "write_bytes_atomic",
@@ -210,13 +212,26 @@ def _apply(b: Backend) -> None:
         fsspec.config.conf[proto] = dict(opts)
 
 
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s?#@]*(?:@[^/\s?#@]*)*@")
+"""`scheme://user:password@` (greedy up to the authority's last `@`: a password may hold one)."""
+
+
+def redact_urls(text: str) -> str:
+    """`text` with the `user:password@` part of every URL in it replaced by `***@`.
+
+    Credentials written into a URL (`http://user:secret@host/v1`) are meant for the connection;
+    anything recorded or logged about that URL must show only where it points.
+    """
+    return _URL_USERINFO.sub(r"\g<scheme>***@", str(text))
+
+
 def scrub(text: str) -> str:
-    """`text` with every configured credential value replaced by `***`."""
+    """`text` with every configured credential value, and every URL's userinfo, replaced by `***`."""
     for b in BACKENDS.values():
         for opt, value in _env_values(b).items():
             if opt in b.secret and len(value) >= 4:
                 text = text.replace(value, "***")
-    return text
+    return redact_urls(text)
 
 
 def _import_backend(b: Backend) -> None:
@@ -456,10 +471,10 @@ def setup(cfg: Mapping, *urls: str | os.PathLike | None, exit_on_error: bool = F
         lines = _setup(cfg, urls)
     except StorageError as e:
         if exit_on_error:
-            raise SystemExit(f"error: {e}") from None
+            raise SystemExit(f"error: {scrub(str(e))}") from None
         raise
     for line in lines:
-        log.info("storage: %s", line)
+        log.info("storage: %s", scrub(line))
     return lines
 
 

@@ -9,7 +9,8 @@ Endpoints (POST, JSON):
 
 Behaviour is scripted per prompt (the last user message): `server.script(prompt, a1, a2, ...)`
 makes the n-th request for that prompt perform action n; once the script is used up (or for an
-unscripted prompt) the request succeeds. Every request is recorded (`server.requests`) and the
+unscripted prompt) the request succeeds, unless a `FaultPlan` is given: it then draws, from a
+seed and the prompt alone, the faults of every unscripted prompt (the soak benchmark). Every request is recorded (`server.requests`) and the
 server tracks the most requests it ever had in flight at once (`server.max_inflight`).
 `latency_s` delays every successful answer (throughput benchmarks, concurrency tests).
 
@@ -21,16 +22,19 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
 class Action:
-    kind: str  # ok | status | sleep | malformed | text_body | no_logprobs | no_choices
+    kind: str  # ok | status | sleep | malformed | text_body | no_logprobs | no_choices | drop | truncated
+    #            | empty_logprobs | mismatch | bad_logprob
     status: int = 200
     message: str = ""
     headers: dict[str, str] = field(default_factory=dict)
@@ -38,6 +42,7 @@ class Action:
     code: str | None = None
     param: str | None = None
     seconds: float = 0.0
+    value: Any = None
 
 
 def ok() -> Action:
@@ -75,6 +80,35 @@ def no_choices() -> Action:
     return Action("no_choices")
 
 
+def drop() -> Action:
+    """Read the request, then close the connection without a word."""
+    return Action("drop")
+
+
+def truncated() -> Action:
+    """A 200 whose body stops half way (Content-Length promises more), then the connection closes."""
+    return Action("truncated")
+
+
+def empty_logprobs() -> Action:
+    """A completion with text but `logprobs.content: []`."""
+    return Action("empty_logprobs")
+
+
+def mismatch() -> Action:
+    """A completion whose `logprobs.content` tokens spell other text than `message.content`."""
+    return Action("mismatch")
+
+
+MISSING = object()
+
+
+def bad_logprob(value: Any) -> Action:
+    """A completion whose second candidate at the first position has logprob `value` (NaN, a
+    positive number, or `MISSING`: no `logprob` key)."""
+    return Action("bad_logprob", value=value)
+
+
 CHOSEN_LOGPROB = -0.1
 
 
@@ -100,9 +134,56 @@ def candidates(tok: str, k: int) -> list[tuple[str, float]]:
     return [(tok, CHOSEN_LOGPROB)] + [(f" alt{i}", -3.0 - i) for i in range(k - 1)]
 
 
+@dataclass
+class FaultPlan:
+    """A seeded mix of faults for unscripted prompts. One draw per prompt (from `seed` and the prompt
+    alone, so a client that is killed and resumed meets the same plan) picks its fault, if any,
+    and whether the fault hits every attempt (`persistent`) or the first attempt only; malformed
+    bodies are never retried by a client, so they always persist. `outcome(prompt)` is the failure
+    reason a correct client must end with (None: the prompt must end as a row)."""
+
+    seed: int = 0
+    server_error: float = 0.10
+    rate_limited: float = 0.05
+    dropped: float = 0.02
+    malformed: float = 0.01
+    persistent: float = 0.5
+    retry_after_s: float = 0.05
+
+    REASONS: ClassVar[dict[str, str]] = {"server_error": "server_error", "rate_limited": "rate_limited", "dropped": "connection_error",
+               "malformed": "malformed_response"}
+
+    def draw(self, prompt: str) -> tuple[str | None, bool]:
+        rng = random.Random(f"{self.seed}:{prompt}")
+        u, persistent = rng.random(), rng.random() < self.persistent
+        for kind in self.REASONS:
+            p = getattr(self, kind)
+            if u < p:
+                return kind, persistent or kind == "malformed"
+            u -= p
+        return None, False
+
+    def action(self, kind: str, prompt: str) -> Action:
+        wait = {"Retry-After": f"{self.retry_after_s:g}"}
+        if kind == "server_error":
+            code = random.Random(f"{self.seed}:{prompt}:code").choice([500, 502, 503])
+            return status(code, "injected server error", headers=wait, err_type="server_error")
+        if kind == "rate_limited":
+            return status(429, "injected rate limit", headers=wait, err_type="rate_limit_error")
+        return drop() if kind == "dropped" else malformed()
+
+    def outcome(self, prompt: str) -> str | None:
+        kind, persistent = self.draw(prompt)
+        return self.REASONS[kind] if kind and persistent else None
+
+
 class FaultServer:
-    def __init__(self, latency_s: float = 0.0) -> None:
+    def __init__(self, latency_s: float = 0.0, plan: FaultPlan | None = None) -> None:
         self.latency_s = latency_s
+        self.plan = plan
+        self.injected: Counter[str] = Counter()
+        """Fault answers sent by the plan, by kind."""
+        self._attempts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._scripts: dict[str, list[Action]] = {}
         self.requests: list[dict[str, Any]] = []
@@ -120,6 +201,8 @@ class FaultServer:
         with self._lock:
             self._scripts.clear()
             self.requests.clear()
+            self.injected.clear()
+            self._attempts.clear()
             self.inflight = 0
             self.max_inflight = 0
 
@@ -170,7 +253,15 @@ class FaultServer:
     def _next_action(self, prompt: str) -> Action:
         with self._lock:
             queue = self._scripts.get(prompt)
-            return queue.pop(0) if queue else ok()
+            if queue:
+                return queue.pop(0)
+            attempt = self._attempts[prompt]
+            self._attempts[prompt] += 1
+            kind, persistent = self.plan.draw(prompt) if self.plan else (None, False)
+            if kind is None or not (persistent or attempt == 0):
+                return ok()
+            self.injected[kind] += 1
+            return self.plan.action(kind, prompt)
 
     def _enter(self, record: dict[str, Any]) -> None:
         with self._lock:
@@ -204,11 +295,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing -------------------------------------------------------------------------------
     def _send(self, code: int, body: bytes, content_type: str = "application/json",
-              headers: dict[str, str] | None = None) -> None:
+              headers: dict[str, str] | None = None, complete: bool = True) -> None:
+        """Send an answer; `complete=False` leaves the Content-Length to `headers` (a cut-off body)."""
         try:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
+            if complete:
+                self.send_header("Content-Length", str(len(body)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
@@ -223,7 +316,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path.split("?")[0] == "/_stats":  # for a server run in another process
             srv = self.fault
-            self._json(200, {"requests": srv.count(), "max_inflight": srv.max_inflight})
+            with srv._lock:
+                injected = dict(srv.injected)
+            self._json(200, {"requests": srv.count(), "max_inflight": srv.max_inflight, "injected": injected})
         else:
             self._json(404, {"error": {"message": f"no route {self.path}"}})
 
@@ -269,6 +364,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             elif action.kind == "text_body":
                 self._send(200, b"upstream proxy says hello", "text/plain")
+                return
+            elif action.kind == "drop":
+                self.close_connection = True
+                return
+            elif action.kind == "truncated":
+                body = json.dumps(_openai_response(body, prompt, action)).encode()
+                self._send(200, body[: len(body) // 2], headers={"Content-Length": str(len(body))},
+                           complete=False)
+                self.close_connection = True
                 return
             if srv.latency_s:
                 time.sleep(srv.latency_s)
@@ -323,10 +427,18 @@ def _openai_response(req: dict, prompt: str, action: Action) -> dict:
                               "message": {"role": "assistant", "content": "".join(toks)}, "logprobs": None}
     if req.get("logprobs") and action.kind != "no_logprobs":
         k = int(req.get("top_logprobs") or 0)
-        choice["logprobs"] = {"content": [
+        spelled = [t.upper() for t in toks] if action.kind == "mismatch" else toks
+        content = [
             {"token": t, "logprob": CHOSEN_LOGPROB, "bytes": list(t.encode()),
              "top_logprobs": [{"token": c, "logprob": lp, "bytes": list(c.encode())} for c, lp in candidates(t, k)]}
-            for t in toks], "refusal": None}
+            for t in spelled]
+        if action.kind == "bad_logprob":
+            cand = content[0]["top_logprobs"][1]
+            if action.value is MISSING:
+                del cand["logprob"]
+            else:
+                cand["logprob"] = action.value
+        choice["logprobs"] = {"content": [] if action.kind == "empty_logprobs" else content, "refusal": None}
     return {"id": "chatcmpl-fault", "object": "chat.completion", "created": int(time.time()),
             "model": req.get("model", "fake"),
             "choices": [] if action.kind == "no_choices" else [choice],
@@ -364,8 +476,9 @@ def mass(logprobs: list[float]) -> float:
     return sum(math.exp(x) for x in logprobs)
 
 
-def serve_in_subprocess(latency_s: float = 0.0):
-    """Start a FaultServer in a child process (no GIL shared with the client under test).
+def serve_in_subprocess(latency_s: float = 0.0, plan: FaultPlan | None = None):
+    """Start a FaultServer in a child process (no GIL shared with the client under test; it
+    outlives a client that is killed).
 
     Returns `(url, process)`; stats via `GET {url}/_stats`, reset via `POST {url}/_reset`;
     stop with `process.terminate()`.
@@ -374,7 +487,7 @@ def serve_in_subprocess(latency_s: float = 0.0):
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_child_main, args=(latency_s, child), daemon=True)
+    proc = ctx.Process(target=_child_main, args=(latency_s, plan, child), daemon=True)
     proc.start()
     if not parent.poll(30):
         proc.terminate()
@@ -382,8 +495,8 @@ def serve_in_subprocess(latency_s: float = 0.0):
     return parent.recv(), proc
 
 
-def _child_main(latency_s: float, conn) -> None:
-    srv = FaultServer(latency_s=latency_s).start()
+def _child_main(latency_s: float, plan: FaultPlan | None, conn) -> None:
+    srv = FaultServer(latency_s=latency_s, plan=plan).start()
     conn.send(srv.url)
     while True:
         time.sleep(3600)

@@ -6,7 +6,9 @@ The SDKs' own HTTP stacks, timeouts and retry loops run unmodified; only the ser
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import importlib.util
+import logging
 import math
 import pickle
 import sys
@@ -15,15 +17,21 @@ from pathlib import Path
 
 import pytest
 from fault_server import (
+    MISSING,
     FaultServer,
+    bad_logprob,
     completion_text,
+    drop,
+    empty_logprobs,
     malformed,
+    mismatch,
     no_choices,
     no_logprobs,
     prompt_token_count,
     sleep,
     status,
     text_body,
+    truncated,
 )
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -48,7 +56,8 @@ FAST = {"retry-after-ms": "10"}  # keep retry waits short where the wait itself 
 
 @pytest.fixture(autouse=True)
 def _keys(monkeypatch):
-    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GROQ_API_KEY", "TESTPROV_API_KEY"):
+    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GROQ_API_KEY", "TESTPROV_API_KEY",
+                "DEEPSEEK_API_KEY", "AIMLAPI_API_KEY"):
         monkeypatch.setenv(var, SECRET)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
 
@@ -226,11 +235,27 @@ def test_context_length_400_is_a_per_prompt_failure(server):
     assert_ok(out[1], "small", 2)
 
 
-def test_missing_key_for_a_remote_provider_fails_before_any_request(monkeypatch):
+def test_missing_key_for_a_remote_provider_fails_when_the_teacher_is_built(monkeypatch):
+    # at construction: a stage stops before it loads any model, tokenizer or prompt
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    t = OpenAITeacher(model="gpt-4o-mini")
     with pytest.raises(TeacherError, match="OPENAI_API_KEY"):
-        t.generate(["hi"])
+        OpenAITeacher(model="gpt-4o-mini")
+    with pytest.raises(TeacherError, match="ANTHROPIC_API_KEY"):
+        monkeypatch.delenv("ANTHROPIC_API_KEY")
+        AnthropicTeacher(model="claude-test")
+
+
+def test_credentials_are_checked_from_the_config_without_building_the_teacher(monkeypatch):
+    from bitnet_kde.teachers import check_credentials
+
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    with pytest.raises(TeacherError, match="OPENAI_API_KEY is not set"):
+        check_credentials(OmegaConf.load(CONFIGS / "openai.yaml"))
+    check_credentials(OmegaConf.load(CONFIGS / "vllm.yaml"))  # a local server: no key needed
+    check_credentials(OmegaConf.load(CONFIGS / "local_smollm2.yaml"))  # in-process
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    check_credentials(OmegaConf.load(CONFIGS / "openai.yaml"))
 
 
 def test_local_server_needs_no_key(server, monkeypatch):
@@ -257,6 +282,84 @@ def test_malformed_responses_are_counted_failures(server):
     reasons = {r.prompt: r.reason for r in out if isinstance(r, TeacherFailure)}
     assert reasons == {"broken json": "malformed_response", "null logprobs": "missing_logprobs",
                        "no choices": "malformed_response", "plain text": "malformed_response"}
+
+
+def test_answers_whose_logprobs_do_not_fit_the_text_are_counted_under_their_cause(server):
+    # an empty logprobs.content beside text carries no KD data: missing_logprobs (not an empty
+    # completion); tokens spelling other text than the message cannot be placed: logprobs_mismatch
+    server.script("empty list", empty_logprobs())
+    server.script("other text", mismatch())
+    out = teacher(server).generate(["empty list", "other text", "fine"], SamplingConfig(top_k=3))
+    assert isinstance(out[0], TeacherFailure) and out[0].reason == "missing_logprobs", out[0]
+    assert "empty logprobs.content" in out[0].message
+    assert isinstance(out[1], TeacherFailure) and out[1].reason == "logprobs_mismatch", out[1]
+    assert_ok(out[2], "fine", 3)
+    assert server.count() == 3  # a 200 is never retried
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.5, MISSING], ids=["nan", "positive", "missing"])
+def test_invalid_values_inside_logprobs_are_malformed_and_not_retried(server, value):
+    server.script("bad", bad_logprob(value))
+    out = teacher(server).generate(["bad", "good"], SamplingConfig(top_k=3))
+    assert isinstance(out[0], TeacherFailure) and out[0].reason == "malformed_response", out[0]
+    assert "logprobs.content[0]" in out[0].message
+    assert_ok(out[1], "good", 3)
+    assert server.count("bad") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# transport faults and the remaining HTTP statuses
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", [drop, truncated], ids=["dropped", "truncated"])
+def test_connection_lost_mid_answer_is_retried_then_counted(server, fault):
+    server.script("once", fault())
+    server.script("always", *[fault() for _ in range(3)])
+    out = teacher(server, max_retries=2).generate(["once", "always"], SamplingConfig(top_k=2))
+    assert_ok(out[0], "once", 2)
+    assert server.count("once") == 2
+    assert isinstance(out[1], TeacherFailure) and out[1].reason == "connection_error", out[1]
+    assert server.count("always") == 3
+
+
+def test_429_insufficient_quota_is_a_billing_stop_not_retried(server):
+    for p in ("a", "b"):
+        server.script(p, *[status(429, "You exceeded your current quota, please check your plan and billing",
+                                  err_type="insufficient_quota", err_code="insufficient_quota")
+                           for _ in range(4)])
+    t0 = time.perf_counter()
+    with pytest.raises(TeacherError, match="quota exhausted") as ei:
+        teacher(server, max_concurrency=1).generate(["a", "b"])
+    assert "429" in str(ei.value)
+    assert server.count() == 1  # no retry, no further prompt
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize("code, reason, retried", [(408, "timeout", True), (409, "server_error", True),
+                                                   (413, "prompt_too_long", False)])
+def test_408_409_413(server, code, reason, retried):
+    server.script("p", *[status(code, f"scripted {code}", headers=FAST) for _ in range(2)])
+    (res,) = teacher(server, max_retries=1).generate(["p"])
+    assert isinstance(res, TeacherFailure) and res.reason == reason, res
+    assert str(code) in res.message
+    assert server.count("p") == (2 if retried else 1)
+    server.script("q", status(code, "once", headers=FAST))
+    (res,) = teacher(server, max_retries=1).generate(["q"], SamplingConfig(top_k=2))
+    if retried:
+        assert_ok(res, "q", 2)
+    else:
+        assert isinstance(res, TeacherFailure) and server.count("q") == 1
+
+
+def test_retry_after_as_an_http_date_is_honoured(server):
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: a wait of 1-2 s
+    server.script("p", status(503, "maintenance", headers={"Retry-After": when}))
+    t0 = time.perf_counter()
+    (seq,) = teacher(server).generate(["p"], SamplingConfig(top_k=2))
+    elapsed = time.perf_counter() - t0
+    assert_ok(seq, "p", 2)
+    assert server.count("p") == 2
+    assert 0.95 <= elapsed < 4, elapsed  # the SDK's own first backoff would be under 0.5 s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +425,21 @@ def test_key_redacted_from_failure_messages(server):
     assert isinstance(res, TeacherFailure) and res.reason == "server_error"
     no_secret(res.message)
     assert "***" in res.message
+
+
+def test_credentials_inside_base_url_are_never_shown(server, caplog):
+    url = server.openai_base_url.replace("http://", "http://alice:url-secret-42@")
+    t = teacher(server, base_url=url, max_retries=0)
+    server.script("down", status(500, "boom", headers=FAST))
+    with caplog.at_level(logging.DEBUG):
+        out = t.generate(["down", "up"], SamplingConfig(top_k=1))
+    assert isinstance(out[0], TeacherFailure) and "http://***@127.0.0.1" in out[0].message
+    assert isinstance(out[1], TeacherSequence)
+    assert t.display_url.startswith("http://***@127.0.0.1") and t.base_url == url  # the connection keeps them
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("HTTP Request" in m and "***@127.0.0.1" in m for m in logged), logged
+    for text in (out[0].message, repr(t), *logged):
+        assert "url-secret-42" not in text
 
 
 def test_generate_works_inside_a_running_event_loop(server):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -69,3 +70,25 @@ def test_fake_keys_never_reach_any_artefact(tmp_path):
         leaks = [f for f, data in files.items() if secret.encode() in data]
         assert leaks == [], f"{name} found in {leaks}"
         assert all(secret not in o.stdout + o.stderr for o in outputs), f"{name} printed"
+
+
+@pytest.mark.slow
+def test_credentials_inside_a_teacher_url_never_reach_any_artefact(tmp_path):
+    """`VLLM_BASE_URL=http://user:secret@host/v1`: the run uses the URL, but no file it writes (traces,
+    manifest, Hydra configs, logs) and nothing it prints holds the userinfo."""
+    secret = f"url-secret-{uuid.uuid4().hex}"
+    with FaultServer() as server:
+        url = server.openai_base_url.replace("http://", f"http://alice:{secret}@")
+        env = {**os.environ, "VLLM_BASE_URL": url, "PYTHONUNBUFFERED": "1"}
+        env.pop("TEACHER_PROVIDER", None)
+        proc = run("collect.py", tmp_path, env, "teacher=vllm", "teacher.model=fake-model", f"paths.root={tmp_path}",
+                   "collection.prompts.limit=4", "collection.chunk_size=2", "collection.progress=false")
+        assert server.requests, "the run must really have used the URL"
+    files = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert any(name.endswith("manifest.json") for name in files) and any(name.endswith(".log") for name in files)
+    assert b"HTTP Request" in b"".join(data for name, data in files.items() if name.endswith(".log"))
+    leaks = [name for name, data in files.items() if secret.encode() in data]
+    assert leaks == [], f"URL credentials found in {leaks}"
+    assert secret not in proc.stdout + proc.stderr
+    userinfo = re.compile(rb"[a-z][a-z0-9+.-]*://[^/\s@*]+:[^/\s@]+@")  # any URL still carrying user:password
+    assert [name for name, data in files.items() if userinfo.search(data)] == []

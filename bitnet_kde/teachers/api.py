@@ -10,8 +10,9 @@
   logprobs raises `LogprobsUnsupported`;
 * every other per-prompt problem becomes a `TeacherFailure(prompt, reason, message)` in that
   prompt's slot, never a dropped prompt. Reasons: `rate_limited`, `server_error`, `timeout`,
-  `connection_error`, `missing_logprobs`, `malformed_response`, `prompt_too_long`, `spend_cap`,
-  `error` (anything unexpected);
+  `connection_error`, `missing_logprobs` (no or empty log-probabilities beside a text),
+  `logprobs_mismatch` (their tokens spell another text), `malformed_response`, `prompt_too_long`,
+  `spend_cap`, `error` (anything unexpected);
 * spend caps: `max_prompts` (requests sent by this teacher object, across calls) and
   `max_total_tokens` (running prompt + completion tokens from the responses' usage). Checked
   when a request is about to be sent, so in-flight requests may overshoot the token cap by at
@@ -19,8 +20,12 @@
 * key hygiene: the key is read from `os.environ[api_key_env]` when a client is created (one
   client per `generate` call, closed at its end) and lives only in that call's local scope: it
   is never an attribute, so `repr`, `vars` and `pickle` of the teacher cannot contain it, and it
-  is redacted from every message this module produces. `is_local` decides which servers may
-  run without a key (also for `make check_env`).
+  is redacted from every message this module produces. Constructing a teacher checks that the
+  variable is set, so a missing key stops a run before any model or data loads. `is_local`
+  decides which servers may run without a key (also for `make check_env`);
+* credentials inside `base_url` (`http://user:secret@host/v1`) are used for the connection but
+  never shown: messages and `repr` carry `display_url`, and the HTTP client's log lines (httpx,
+  the SDKs' request logs) pass a filter that redacts every URL's userinfo.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import concurrent.futures
 import contextlib
 import functools
 import ipaddress
+import logging
 import math
 import os
 import random
@@ -38,6 +44,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 from urllib.parse import urlparse
 
+from bitnet_kde.storage import redact_urls
 from bitnet_kde.teachers.base import (
     LogprobsUnsupported,
     SamplingConfig,
@@ -54,8 +61,8 @@ LOCAL_PROVIDERS = frozenset({"vllm", "llamacpp", "llama_cpp", "ollama", "local",
 
 MAX_MESSAGE_CHARS = 600
 
-__all__ = ["APITeacherBase", "backoff_delay", "is_local", "is_local_url", "parse_retry_after", "run_sync",
-           "shared_ssl_context", "to_plain"]
+__all__ = ["APITeacherBase", "backoff_delay", "is_local", "is_local_url", "parse_retry_after", "resolve_key",
+           "run_sync", "shared_ssl_context", "to_plain"]
 
 
 def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -90,6 +97,18 @@ def is_local(provider: str | None, base_url: str | None) -> bool:
     """True for a local server that may run without an API key: a local provider name
     (`LOCAL_PROVIDERS`: vllm, llamacpp, ollama, ...) or a loopback / private `base_url`."""
     return str(provider or "").lower() in LOCAL_PROVIDERS or is_local_url(base_url)
+
+
+def resolve_key(name: str, provider: str | None, base_url: str | None, api_key_env: str) -> str:
+    """The key in `$api_key_env` (read now, from the environment), the no-key placeholder for a
+    local server, or a `TeacherError` naming the variable to set."""
+    key = os.environ.get(api_key_env, "").strip()
+    if key:
+        return key
+    if is_local(provider, base_url):
+        return NO_KEY_PLACEHOLDER
+    raise TeacherError(f"{name}: no API key: the environment variable {api_key_env} is not set "
+                       f"(export it or put it in .env; keys are never read from config files)")
 
 
 def to_plain(obj: Any) -> Any:
@@ -175,6 +194,22 @@ def shared_ssl_context() -> Any:
     return httpx2.create_ssl_context()
 
 
+class _RedactURLs(logging.Filter):
+    """Rewrites a log record with the userinfo of every URL in it redacted (httpx and the httpx2
+    the SDKs use log each request URL at INFO, credentials included)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_urls(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+HTTP_LOGGERS = ("httpx", "httpx2", "openai._base_client", "anthropic._base_client")
+"""The loggers that write request URLs (a filter applies to its own logger's records only)."""
+for _name in HTTP_LOGGERS:
+    logging.getLogger(_name).addFilter(_RedactURLs())
 
 
 class APITeacherBase(Teacher):
@@ -218,6 +253,7 @@ class APITeacherBase(Teacher):
         self.max_total_tokens = None if max_total_tokens is None else int(max_total_tokens)
         self.system_prompt = system_prompt or None
         self.extra_body = to_plain(extra_body) if extra_body else None
+        self._resolve_key()  # a missing key stops the run here, before any model or data loads
         # running spend of this teacher object (across generate calls)
         self.prompts_sent = 0
         self.prompt_tokens_used = 0
@@ -226,7 +262,7 @@ class APITeacherBase(Teacher):
     # -- introspection -------------------------------------------------------------------------
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(provider={self.provider!r}, model={self.model!r}, "
-                f"base_url={self.base_url!r}, logprobs={self.supports_logprobs}, "
+                f"base_url={self.display_url!r}, logprobs={self.supports_logprobs}, "
                 f"max_concurrency={self.max_concurrency}, api_key_env={self.api_key_env!r})")
 
     @property
@@ -234,8 +270,13 @@ class APITeacherBase(Teacher):
         return self.prompt_tokens_used + self.completion_tokens_used
 
     @property
+    def display_url(self) -> str | None:
+        """`base_url` with any credentials in it redacted: what may be recorded or shown."""
+        return redact_urls(self.base_url) if self.base_url else None
+
+    @property
     def _where(self) -> str:
-        return self.base_url or "the provider's default endpoint"
+        return self.display_url or "the provider's default endpoint"
 
     # -- key ----------------------------------------------------------------------------------
     def _is_local(self) -> bool:
@@ -243,14 +284,7 @@ class APITeacherBase(Teacher):
 
     def _resolve_key(self) -> str:
         """Read the key from the environment now (never stored on the object)."""
-        key = os.environ.get(self.api_key_env, "").strip()
-        if key:
-            return key
-        if self._is_local():
-            return NO_KEY_PLACEHOLDER
-        raise TeacherError(
-            f"{self.name}: no API key: the environment variable {self.api_key_env} is not set "
-            f"(export it or put it in .env; keys are never read from config files)")
+        return resolve_key(self.name, self.provider, self.base_url, self.api_key_env)
 
     # -- subclass hooks -------------------------------------------------------------------------
     def _make_client(self, key: str) -> Any:  # pragma: no cover - abstract

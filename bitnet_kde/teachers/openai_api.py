@@ -26,7 +26,9 @@ class OpenAITeacher(APITeacherBase):
     timeouts and HTTP 408/409/429/5xx (and whatever the server flags with `x-should-retry`), up to
     `max_retries` times, waiting the server's `retry-after-ms` / `Retry-After` (seconds or HTTP
     date) when 0 < wait <= 120 s, else `min(0.5 * 2**n, 8)` s minus 0-25 % random jitter; a
-    `Retry-After` over 120 s is not retried (we then report `rate_limited`).
+    `Retry-After` over 120 s is not retried (we then report `rate_limited`). A 429 whose error
+    code is `insufficient_quota` is a billing stop, not a rate limit: `_stop_retry_on_quota`
+    marks it `x-should-retry: false` (the SDK's own switch) so the run stops at once.
     """
 
     def __init__(self, model: str, provider: str = "openai", base_url: str | None = None,
@@ -45,7 +47,8 @@ class OpenAITeacher(APITeacherBase):
 
         # the SDK's default HTTP client, with a shared TLS context: building one (loading the CA
         # bundle) costs ~40 ms, paid on every `generate` call otherwise
-        http_client = DefaultAsyncHttpxClient(verify=shared_ssl_context())
+        http_client = DefaultAsyncHttpxClient(verify=shared_ssl_context(),
+                                              event_hooks={"response": [_stop_retry_on_quota]})
         return AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=self.max_retries,
                            timeout=self.timeout_s, http_client=http_client)
 
@@ -115,10 +118,11 @@ class OpenAITeacher(APITeacherBase):
             if not self.supports_logprobs:
                 return self._sequence(prompt, text, [], [], [], finish, pt, ct), pt, ct
             content = (choice.get("logprobs") or {}).get("content")
-            if content is None:
+            if not content:
                 if text == "":
                     return self._sequence(prompt, text, [], [], [], finish, pt, ct), pt, ct
-                return bad("missing_logprobs", "response has no logprobs.content although logprobs were "
+                return bad("missing_logprobs", f"response has {'no' if content is None else 'an empty'} "
+                                               "logprobs.content beside its text although logprobs were "
                                                "requested (the server may ignore `logprobs`)", pt, ct)
             k = max(0, min(int(sampling.top_k), self.max_top_k))
             tokens: list[str] = []
@@ -138,6 +142,11 @@ class OpenAITeacher(APITeacherBase):
                 tokens.append(tok)
                 topk_tokens.append([c[0] for c in cands])
                 topk_lps.append([c[1] for c in cands])
+            spelled = _spelled(content, tokens)
+            if spelled is not None and spelled != text:
+                # positions would not line up with the text: no KD position could be placed
+                return bad("logprobs_mismatch", f"logprobs.content tokens spell {spelled[:60]!r}, "
+                                                f"not message.content {text[:60]!r}", pt, ct)
             ct = ct or len(tokens)
             return self._sequence(prompt, text, tokens, topk_tokens, topk_lps, finish, pt, ct), pt, ct
         except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
@@ -157,6 +166,25 @@ class OpenAITeacher(APITeacherBase):
             return TeacherFailure(prompt, "malformed_response",
                                   f"{self.name}: unreadable response body ({type(exc).__name__}: {exc})")
         return TeacherFailure(prompt, "error", f"{self.name}: {type(exc).__name__}: {exc}")
+
+
+async def _stop_retry_on_quota(response: Any) -> None:
+    """httpx response hook: a 429 `insufficient_quota` (billing) must not be retried like a rate limit."""
+    if response.status_code == 429:
+        await response.aread()
+        if "insufficient_quota" in response.text:
+            response.headers["x-should-retry"] = "false"
+
+
+def _spelled(content: list, tokens: list[str]) -> str | None:
+    """The text the logprobs tokens spell: from their `bytes` when every entry has them (exact, also
+    for tokens that are half a character), else from the token strings; None when the strings hold
+    half characters (U+FFFD) and no bytes say what they were."""
+    raw = [entry.get("bytes") for entry in content]
+    if all(isinstance(b, list) for b in raw):
+        return bytes(x for b in raw for x in b).decode("utf-8", errors="replace")
+    joined = "".join(tokens)
+    return None if "\ufffd" in joined else joined
 
 
 def _openai_error_detail(exc: Any) -> str:
