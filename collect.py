@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from bitnet_kde import cli, settings, storage
+from bitnet_kde.teachers import check_credentials
 
 log = logging.getLogger("collect")
 
@@ -22,6 +23,7 @@ log = logging.getLogger("collect")
 def main(cfg: DictConfig) -> None:
     settings.check(cfg, exit_on_error=True)
     storage.setup(cfg, cfg.trace_dir, exit_on_error=True)
+    check_credentials(cfg.teacher)  # before the tokenizer, prompts or any model load
     collector = instantiate(cfg.collection)
     if collector.is_complete(cfg.trace_dir):
         log.info("trace set %s is already complete in %s", collector.trace_set_id, cfg.trace_dir)

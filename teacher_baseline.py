@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from bitnet_kde import cli, settings, storage
 from bitnet_kde.eval.teacher_baseline import baseline
+from bitnet_kde.teachers import check_credentials
 
 log = logging.getLogger("teacher_baseline")
 
@@ -21,6 +22,7 @@ log = logging.getLogger("teacher_baseline")
 def main(cfg: DictConfig) -> None:
     settings.check(cfg, exit_on_error=True)
     storage.setup(cfg, cfg.report_path, exit_on_error=True)
+    check_credentials(cfg.teacher)
     report = baseline(cfg)
     out = storage.write_json_atomic(cfg.report_path, report)
     s = report["summary"]

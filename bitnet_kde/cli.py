@@ -1,8 +1,9 @@
 """Start-up and error reporting shared by the root entry points (train, collect, eval, teacher
 baseline, dry-run).
 
-Before Hydra reads the command line, `run` loads `.env` and turns `TEACHER_PROVIDER` and `STORAGE` from the environment into
-`teacher=` / `storage=` arguments; an argument given on the command line always wins.
+Before Hydra reads the command line, `run` loads `.env` and turns `TEACHER_PROVIDER` and
+`STORAGE` from the environment into `teacher=` / `storage=` arguments; an argument given on the
+command line always wins.
 
 A user error (a config that does not compose or combine, a missing input, missing or refused
 credentials, an unreachable service: see `user_error`) ends the program with one line on stderr,
@@ -78,7 +79,8 @@ DEBUG_VARIABLE = "BITNET_KDE_DEBUG"
 USER_ERRORS: tuple[type[BaseException], ...] = (TeacherError, storage.StorageError, PromptLoadError,
                                                 TraceValidationError, EmbeddedModelMissing, FileNotFoundError)
 """Errors whose message says what to fix. Besides these, every `ValueError` subclass defined in
-this package is one (settings and input checks raise those)."""
+this package is one (settings and input checks raise those), and so is a `FloatingPointError`
+subclass of ours (a training loss that went non-finite, named with its step and term)."""
 
 
 def user_error(exc: BaseException) -> BaseException | None:
@@ -88,7 +90,7 @@ def user_error(exc: BaseException) -> BaseException | None:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        ours = isinstance(e, ValueError) and type(e).__module__.split(".")[0] == "bitnet_kde"
+        ours = isinstance(e, (ValueError, FloatingPointError)) and type(e).__module__.split(".")[0] == "bitnet_kde"
         if isinstance(e, USER_ERRORS) or ours or isinstance(e, OmegaConfBaseException):
             return e
         e = e.__cause__ or e.__context__

@@ -152,6 +152,8 @@ def test_unexpected_errors_keep_their_traceback(log_file):
 @pytest.mark.parametrize("script, args, says", [
     ("teacher_baseline.py", ["teacher=openai", "prompts.limit=1"], "OPENAI_API_KEY is not set"),
     ("train.py", ["model=nosuch"], "config: In 'train': Could not find 'model/nosuch'"),
+    # checked before the student tokenizer, the prompts or any model load
+    ("collect.py", ["teacher=openai"], "OPENAI_API_KEY is not set"),
 ])
 def test_entry_points_end_a_user_error_with_one_line(tmp_path, script, args, says):
     env = {k: v for k, v in os.environ.items()
@@ -163,3 +165,4 @@ def test_entry_points_end_a_user_error_with_one_line(tmp_path, script, args, say
     assert "Traceback" not in proc.stdout + proc.stderr and "Error executing job" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and says in errors[0], proc.stderr[-3000:]
+    assert not list(tmp_path.rglob("*.parquet"))
