@@ -1,5 +1,6 @@
 """Trace integrity (docs/TRACE_FORMAT.md, "Integrity"): manifest hashes and page checksums catch
-damaged or swapped shards, and collection rewrites exactly those."""
+damaged or swapped shards and collection rewrites exactly those; duplicate row ids, repeated
+candidates and shards made for different tokenizers are refused."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import pytest
 from bitnet_kde.data.datamodule import KDTraceDataModule
 from bitnet_kde.kd.collect import TraceCollector
 from bitnet_kde.kd.synthetic import BigramTraceSource
-from bitnet_kde.kd.traces import TraceValidationError, list_shards, read_traces
+from bitnet_kde.kd.traces import (
+    TraceValidationError,
+    list_shards,
+    read_traces,
+    trace_metadata,
+    write_trace_shard,
+)
 from bitnet_kde.teachers import Teacher, TeacherSequence
 
 VOCAB = 64
@@ -170,11 +177,74 @@ def test_collect_rewrites_exactly_the_replaced_shard(tmp_path, tiny_tokenizer):
     assert read_traces(tmp_path, vocab_size=8).to_pylist() == expected
 
 
-def test_written_shards_carry_page_checksums(tmp_path):
+# ----------------------------------------------------------------------------- duplicates
+
+
+def meta(**kw) -> dict[str, str]:
+    args = {"teacher_provider": "test", "teacher_model": "hand-made", "k": 5, "sampling": {},
+            "logprob_mode": "exact", "tokenizer_name": "test-ids", "tokenizer_hash": "abc123", "vocab_size": VOCAB}
+    args.update(kw)
+    return trace_metadata(**args)
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
+    d = tmp_path_factory.mktemp("rows")
+    bigram(num_sequences=6).write(d)
+    return read_traces(d).to_pylist()
+
+
+def test_duplicate_row_id_within_a_file_is_refused(tmp_path, rows):
+    dup = rows[:4] + [dict(rows[1])]
+    path = write_trace_shard(dup, tmp_path / "dup.parquet", meta())
+    with pytest.raises(TraceValidationError) as ei:
+        read_traces(path, vocab_size=VOCAB)
+    msg = str(ei.value)
+    assert str(path) in msg and "row 4 " in msg and "row 1 has the same id" in msg and rows[1]["id"] in msg
+    assert "two trace sets were mixed or a shard was copied" in msg
+
+
+def test_duplicate_row_id_across_files_is_refused_naming_both(tmp_path, rows):
+    write_trace_shard(rows[:3], tmp_path / "a.parquet", meta())
+    write_trace_shard(rows[3:] + [rows[2]], tmp_path / "b.parquet", meta())
+    with pytest.raises(TraceValidationError) as ei:
+        read_traces(tmp_path, vocab_size=VOCAB)
+    msg = str(ei.value)
+    assert str(tmp_path / "b.parquet") in msg and f"row {len(rows) - 3} " in msg
+    assert str(tmp_path / "a.parquet") in msg and "row 2" in msg and repr(rows[2]["id"]) in msg
+    assert "remove the extra copy" in msg
+    # a copied shard, the typical cause
+    (tmp_path / "b.parquet").unlink()
+    shutil.copy(tmp_path / "a.parquet", tmp_path / "a-copy.parquet")
+    with pytest.raises(TraceValidationError, match="a.parquet.*row 0 has id .*a-copy.parquet row 0"):
+        read_traces(tmp_path)
+
+
+def test_repeated_student_id_at_one_position_is_refused(tmp_path, rows):
+    bad = [dict(r) for r in rows[:3]]
+    cands = [list(c) for c in bad[2]["topk_ids"]]
+    cands[3][4] = cands[3][1]
+    bad[2]["topk_ids"] = cands
+    path = write_trace_shard(bad, tmp_path / "rep.parquet", meta())
+    with pytest.raises(TraceValidationError) as ei:
+        read_traces(path, vocab_size=VOCAB)
+    msg = str(ei.value)
+    assert str(path) in msg and "row 2 " in msg and "'topk_ids'" in msg and "position 3" in msg
+    assert f"student id {cands[3][1]} is listed twice" in msg
+
+
+def test_shards_made_for_different_tokenizers_do_not_mix(tmp_path, rows):
+    write_trace_shard(rows[:3], tmp_path / "a.parquet", meta())
+    write_trace_shard(rows[3:], tmp_path / "b.parquet", meta(tokenizer_hash="fff000"))
+    with pytest.raises(TraceValidationError) as ei:
+        read_traces(tmp_path)
+    msg = str(ei.value)
+    assert "b.parquet" in msg and "'fff000'" in msg and "a.parquet" in msg and "'abc123'" in msg
+
+
+def test_written_shards_carry_page_checksums(tmp_path, rows):
     """Flip one bit inside the first data page of a lone shard: the reader refuses it."""
-    bigram().write(tmp_path / "set")
-    path = tmp_path / "s.parquet"
-    shutil.copy(list_shards(tmp_path / "set")[0], path)
+    path = write_trace_shard(rows, tmp_path / "s.parquet", meta())
     col = pq.ParquetFile(path).metadata.row_group(0).column(3)  # input_ids
     data = bytearray(path.read_bytes())
     data[col.data_page_offset + col.total_compressed_size - 2] ^= 1

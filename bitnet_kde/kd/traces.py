@@ -27,6 +27,7 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bitnet_kde import storage
@@ -80,6 +81,11 @@ OTHER_FLOOR = -30.0
 RECOLLECT = ("re-collect it: `python collect.py` (`make collect`) rewrites exactly the shards that do not match "
              "their manifest entry, and a run whose data has a source rewrites them when it starts")
 """What to do about a shard that no longer matches its manifest entry."""
+
+DUPLICATE_HINT = ("a row id is a content address, so two rows with one id mean two trace sets were mixed "
+                  "or a shard was copied; remove the extra copy (or re-collect into an empty folder)")
+"""What to do about a row id seen twice (refused, never dropped: see docs/TRACE_FORMAT.md)."""
+
 
 class TraceValidationError(ValueError):
     """A trace file that cannot be trained on; the message names file, row and field."""
@@ -289,7 +295,8 @@ def read_traces(source, *, vocab_size: int | None = None, k_max: int = 128) -> p
 
     `vocab_size` (when given) bounds every token id; `k_max` bounds the candidates per position.
     A folder with a `manifest.json` is read only if each shard has the sha256 and row count the
-    manifest recorded.
+    manifest recorded. Row ids must be unique across all files, and the files must agree on the
+    student tokenizer and vocabulary they were made for.
     Raises `TraceValidationError` naming the file, row and field of the first problem.
     """
     if isinstance(source, (list, tuple)):
@@ -301,7 +308,12 @@ def read_traces(source, *, vocab_size: int | None = None, k_max: int = 128) -> p
     else:
         files = [(source, None)]
     tables = [_read_one(f, entry, vocab_size=vocab_size, k_max=k_max) for f, entry in files]
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    paths = [f for f, _ in files]
+    _check_same_trace_set(paths, tables)
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if len(tables) > 1 and pc.count_distinct(table.column("id")).as_py() != table.num_rows:
+        _fail_duplicate_across(paths, tables)
+    return table
 
 
 def _is_dir(url) -> bool:
@@ -349,6 +361,37 @@ def _read_one(path, entry: dict | None, *, vocab_size: int | None, k_max: int) -
     return table.cast(TRACE_SCHEMA.with_metadata(table.schema.metadata))
 
 
+SET_KEYS = ("student_tokenizer_hash", "vocab_size")
+"""Metadata every file of one trace set shares: ids only mean something under one tokenizer."""
+
+
+def _check_same_trace_set(paths: list, tables: list[pa.Table]) -> None:
+    first: dict[str, tuple] = {}
+    for path, table in zip(paths, tables):
+        meta = table_metadata(table)
+        for key in SET_KEYS:
+            if key not in meta:
+                continue
+            seen = first.setdefault(key, (path, meta[key]))
+            if seen[1] != meta[key]:
+                raise TraceValidationError(
+                    f"{path}: made for {META_PREFIX}{key}={meta[key]!r}, but {seen[0]} for {seen[1]!r}: "
+                    "shards of different trace sets are mixed; keep one trace set per folder "
+                    "(or re-collect into an empty one)")
+
+
+def _fail_duplicate_across(paths: list, tables: list[pa.Table]) -> None:
+    """Name the first row id that appears in two files (each file alone has unique ids)."""
+    seen: dict[str, tuple] = {}
+    for path, table in zip(paths, tables):
+        for row, rid in enumerate(table.column("id").to_pylist()):
+            if rid in seen:
+                raise TraceValidationError(
+                    f"{path}: row {row} has id {rid!r}, which {seen[rid][0]} row {seen[rid][1]} has too: "
+                    f"{DUPLICATE_HINT}")
+            seen[rid] = (path, row)
+
+
 def _check_types(path, schema: pa.Schema) -> None:
     for field in TRACE_SCHEMA:
         if field.name not in schema.names:
@@ -392,6 +435,12 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
         return int(np.searchsorted(offsets, flat_index, side="right") - 1)
 
     n = table.num_rows
+    if len(set(ids)) != n:
+        first: dict[str, int] = {}
+        for r, rid in enumerate(ids):
+            if rid in first:
+                fail(r, "id", f"row {first[rid]} has the same id: {DUPLICATE_HINT}")
+            first[rid] = r
     for field in ("id", "input_ids", "completion_start", "topk_ids", "topk_logprobs", "other_logprob", "kd_valid"):
         row = _first_null(table.column(field))
         if row is not None:
@@ -456,6 +505,16 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
     bad = np.flatnonzero((cand_ids < 0) | (cand_ids >= upper))
     if bad.size:
         fail_cand("topk_ids", bad[0], f"token id {cand_ids[bad[0]]} outside [0, {vocab_size or 'vocab'})")
+    if cand_ids.size:
+        # (position, id) as one int64 key: equal neighbours after sorting are a repeated candidate
+        span = int(cand_ids.max()) + 1
+        key = np.sort(cand_pos.astype(np.int64) * span + cand_ids)
+        dup = np.flatnonzero(key[1:] == key[:-1])
+        if dup.size:
+            p, tok_id = divmod(int(key[dup[0]]), span)
+            r = int(pos_row[p])
+            fail(r, "topk_ids", f"position {p - row_off[r]}: student id {tok_id} is listed twice; each id may "
+                 "appear once per position (merge such candidates with log-sum-exp)")
     bad = np.flatnonzero(~np.isfinite(cand_lp))
     if bad.size:
         fail_cand("topk_logprobs", bad[0], f"logprob {cand_lp[bad[0]]} is not finite")
