@@ -1,6 +1,6 @@
 """Trace integrity (docs/TRACE_FORMAT.md, "Integrity"): manifest hashes and page checksums catch
-damaged or swapped shards and collection rewrites exactly those; duplicate row ids, repeated
-candidates and shards made for different tokenizers are refused."""
+damaged or swapped shards and collection rewrites exactly those; duplicate row ids and repeated
+candidates are refused; trace metadata must match the run."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from bitnet_kde.kd.collect import TraceCollector
 from bitnet_kde.kd.synthetic import BigramTraceSource
 from bitnet_kde.kd.traces import (
     TraceValidationError,
+    check_run_match,
     list_shards,
     read_traces,
     trace_metadata,
@@ -231,6 +232,51 @@ def test_repeated_student_id_at_one_position_is_refused(tmp_path, rows):
     msg = str(ei.value)
     assert str(path) in msg and "row 2 " in msg and "'topk_ids'" in msg and "position 3" in msg
     assert f"student id {cands[3][1]} is listed twice" in msg
+
+
+# ----------------------------------------------------------------------------- metadata vs the run
+
+
+def test_traces_for_another_vocabulary_are_refused(tmp_path):
+    bigram().write(tmp_path)
+    with pytest.raises(TraceValidationError) as ei:
+        KDTraceDataModule(str(tmp_path), vocab_size=100, num_workers=0).setup()
+    msg = str(ei.value)
+    assert str(tmp_path) in msg and "vocabulary of 64 ids" in msg and "vocab_size=100" in msg
+    assert "data.vocab_size=64" in msg
+
+
+def test_traces_for_another_student_tokenizer_are_refused(tmp_path):
+    class OtherTokenizer(BigramTraceSource):
+        tokenizer_hash = "0123456789abcdef"  # same trace set, a run whose student tokenizer differs
+
+    bigram().write(tmp_path)
+    src = OtherTokenizer(vocab_size=VOCAB, k=5, num_sequences=60, prompt_len=(2, 4), completion_len=(8, 16))
+    assert src.is_complete(tmp_path)
+    dm = KDTraceDataModule(str(tmp_path), vocab_size=VOCAB, source=src, num_workers=0)
+    with pytest.raises(TraceValidationError) as ei:
+        dm.setup()
+    msg = str(ei.value)
+    assert bigram().tokenizer_hash in msg and "0123456789abcdef" in msg and "re-collect" in msg
+
+
+def test_traces_with_a_larger_k_than_k_max_are_refused(tmp_path, rows):
+    write_trace_shard(rows, tmp_path / "k.parquet", meta(k=8))  # 5 candidates stored, K=8 declared
+    with pytest.raises(TraceValidationError) as ei:
+        KDTraceDataModule(str(tmp_path), vocab_size=VOCAB, k_max=6, num_workers=0).setup()
+    msg = str(ei.value)
+    assert "K=8" in msg and "data.k_max=6" in msg and "collection.sampling.top_k" in msg
+
+
+@pytest.mark.parametrize("k", ["0", "-3", "many"])
+def test_nonsense_k_in_metadata_is_refused(k):
+    with pytest.raises(TraceValidationError, match="bitnet_kde.k"):
+        check_run_match({"k": k}, "traces", k_max=128)
+
+
+def test_metadata_the_traces_lack_or_the_run_does_not_know_is_not_compared():
+    check_run_match({}, "traces", vocab_size=10, tokenizer_hash="x", k_max=1)
+    check_run_match({"vocab_size": "5", "student_tokenizer_hash": "y", "k": "9"}, "traces")
 
 
 def test_shards_made_for_different_tokenizers_do_not_mix(tmp_path, rows):

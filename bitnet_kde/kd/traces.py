@@ -51,6 +51,7 @@ __all__ = [
     "write_manifest",
     "manifest_complete",
     "mismatched_shards",
+    "check_run_match",
 ]
 
 SCHEMA_VERSION = "1"
@@ -98,6 +99,10 @@ class TraceSource(Protocol):
     @property
     def trace_set_id(self) -> str:
         """Content address of the trace set; its shard names and manifest carry it."""
+
+    @property
+    def tokenizer_hash(self) -> str:
+        """The `student_tokenizer_hash` its shards carry (the run refuses traces with another)."""
 
     def is_complete(self, trace_dir: str | os.PathLike) -> bool:
         """True when `trace_dir` holds this whole trace set (manifest and every shard)."""
@@ -568,3 +573,35 @@ def manifest_complete(trace_dir: str | os.PathLike, trace_set_id: str, shards: l
     wanted = [s["file"] for s in info.get("shards", [])] if shards is None else [storage.name_of(s) for s in shards]
     names = folder_names(trace_dir)
     return all(n in names for n in wanted) and not mismatched_shards(trace_dir)
+
+
+def check_run_match(meta: dict[str, str], where: str, *, vocab_size: int | None = None,
+                    tokenizer_hash: str | None = None, k_max: int | None = None) -> None:
+    """Refuse traces made for another run: their metadata (`table_metadata`) against the run's
+    vocabulary size, student tokenizer hash and largest K. A key the traces lack is not compared
+    (traces made elsewhere); a value the run does not know (None) neither."""
+    def refuse(what: str, fix: str):
+        raise TraceValidationError(f"{where}: {what}; {fix}")
+
+    other_tokenizer = "use traces collected for this run's student tokenizer (re-collect them)"
+    if vocab_size is not None and "vocab_size" in meta and meta["vocab_size"] != str(vocab_size):
+        refuse(f"the traces were made for a vocabulary of {meta['vocab_size']} ids ({META_PREFIX}vocab_size), "
+               f"this run's student has vocab_size={vocab_size}",
+               f"{other_tokenizer}, or set data.vocab_size={meta['vocab_size']} if the student uses their tokenizer")
+    if tokenizer_hash is not None and "student_tokenizer_hash" in meta \
+            and meta["student_tokenizer_hash"] != tokenizer_hash:
+        refuse(f"the traces were made for student tokenizer hash {meta['student_tokenizer_hash']} "
+               f"({META_PREFIX}student_tokenizer_hash, {meta.get('student_tokenizer', '?')}), this run's student "
+               f"tokenizer has hash {tokenizer_hash}", other_tokenizer)
+    if k_max is not None and "k" in meta:
+        try:
+            k = int(meta["k"])
+        except ValueError:
+            refuse(f"{META_PREFIX}k={meta['k']!r} is not a number of candidates", "re-collect the traces")
+        if k < 1:
+            refuse(f"the traces declare K={k} candidates per position ({META_PREFIX}k)",
+                   f"re-collect them with collection.sampling.top_k between 1 and {k_max}")
+        if k > k_max:
+            refuse(f"the traces hold K={k} candidates per position ({META_PREFIX}k), this run accepts "
+                   f"data.k_max={k_max}", f"set data.k_max to at least {k}, or re-collect with "
+                   f"collection.sampling.top_k between 1 and {k_max}")
