@@ -1,6 +1,6 @@
 """Trace integrity (docs/TRACE_FORMAT.md, "Integrity"): manifest hashes and page checksums catch
 damaged or swapped shards and collection rewrites exactly those; duplicate row ids and repeated
-candidates are refused; trace metadata must match the run."""
+candidates are refused; trace metadata must match the run; top_k within the provider's limit."""
 
 from __future__ import annotations
 
@@ -176,6 +176,19 @@ def test_collect_rewrites_exactly_the_replaced_shard(tmp_path, tiny_tokenizer):
     assert {s.name: s.stat().st_mtime_ns for s in (shards[0], shards[2])} == kept
     assert col.is_complete(tmp_path)
     assert read_traces(tmp_path, vocab_size=8).to_pylist() == expected
+
+
+def test_top_k_above_the_providers_limit_is_refused_before_any_request(tmp_path, tiny_tokenizer):
+    teacher = StubTeacher(max_top_k=20)
+    col = collector(teacher, tiny_tokenizer, sampling={"max_new_tokens": 4, "top_k": 50})
+    with pytest.raises(ValueError) as ei:
+        col.write(tmp_path)
+    msg = str(ei.value)
+    assert "collection.sampling.top_k=50" in msg and "'stub'" in msg and "max_top_k=20" in msg
+    assert "\n" not in msg
+    assert teacher.asked == [] and list_shards(tmp_path) == []
+    collector(teacher, tiny_tokenizer, sampling={"max_new_tokens": 4, "top_k": 20}).write(tmp_path)  # at the limit
+    assert len(teacher.asked) == 6
 
 
 # ----------------------------------------------------------------------------- duplicates

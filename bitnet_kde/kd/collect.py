@@ -14,6 +14,7 @@ the traces afterwards.
   has the sha256 the manifest recorded (damaged or replaced) is collected again; the others stay.
 - **Many jobs.** Job `shard_index` of `num_shards` does the chunks with
   `c % num_shards == shard_index`; whichever job finds the set complete writes the manifest.
+- **Provider limits.** `sampling.top_k` above the teacher's `max_top_k` is refused before any request.
 - **Failures are counted, never dropped.** Each shard's metadata lists the prompts that failed
   (id, reason, message); the manifest sums them by reason.
 """
@@ -149,6 +150,7 @@ class TraceCollector:
         if todo:
             teacher = self.teacher()
             teacher.check_kd()
+            self.check_top_k(teacher)
             self._collect(teacher, trace_dir, [(c, chunks[c]) for c in todo])
         shards = [self.shard_path(trace_dir, c) for c in range(len(chunks))]
         present = folder_names(trace_dir)
@@ -162,6 +164,13 @@ class TraceCollector:
         else:
             log.info("trace set %s: waiting for other jobs' shards", self.trace_set_id)
         return shards
+
+    def check_top_k(self, teacher: Teacher) -> None:
+        """Refuse more candidates per position than the provider returns (it would cap them silently)."""
+        if self.sampling.top_k > teacher.max_top_k:
+            raise ValueError(f"collection.sampling.top_k={self.sampling.top_k} exceeds what teacher provider "
+                             f"{teacher.provider!r} returns per position (max_top_k={teacher.max_top_k}); "
+                             f"set collection.sampling.top_k to at most {teacher.max_top_k}")
 
     def _collect(self, teacher: Teacher, trace_dir: str | Path, work: list[tuple[int, list[Prompt]]]) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
