@@ -1,7 +1,8 @@
 """LightningDataModule over KD trace shards (Parquet schema v1).
 
-Rows are validated once on load (`read_traces`), split into train/val by a hash of their
-`id` (stable across runs, shard layouts and machines), and served as right-padded batches.
+Rows are validated once on load (`read_traces`), their metadata compared with the run (vocabulary
+size, student tokenizer, K), split into train/val by a hash of their `id` (stable across runs,
+shard layouts and machines), and served as right-padded batches.
 Batch tensors, all [B, T] unless noted:
 
 - `input_ids`      student token ids (padding: 0)
@@ -27,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from bitnet_kde import storage
 from bitnet_kde.data.format_mask import token_format_mask
-from bitnet_kde.kd.traces import TraceSource, list_offsets, list_shards, read_traces
+from bitnet_kde.kd.traces import (TraceSource, check_run_match, list_offsets, list_shards, read_traces,
+                                   table_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +143,14 @@ class KDTraceDataModule(pl.LightningDataModule):
     Args:
         trace_dir: folder of `*.parquet` shards (+ `manifest.json`): a local path or a storage URL
             (`s3://`, `gs://`, `webdav://`, ...; see `bitnet_kde.storage`).
-        vocab_size: student vocabulary size; every id is checked against it.
+        vocab_size: student vocabulary size; every id is checked against it, and the traces'
+            `vocab_size` metadata must equal it.
         source: the `TraceSource` that writes the traces when `trace_dir` lacks them (teacher
-            collection, or the synthetic bigram source); None = traces must exist.
+            collection, or the synthetic bigram source); None = traces must exist. Its student
+            tokenizer hash must be the one in the traces' metadata.
         max_seq_len: longer rows are truncated (a warning says how many).
-        k_max: largest number of candidates per position accepted on read.
+        k_max: largest number of candidates per position accepted on read (and largest K in the
+            traces' metadata).
         val_fraction: share of rows (by id hash) held out for validation.
         piece_table: text of each student token id, enabling the format mask (JSON structure);
             taken from `source.piece_table()` when not given (None from sources whose ids are no text).
@@ -181,6 +186,8 @@ class KDTraceDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         table = read_traces(self.trace_dir, vocab_size=self.vocab_size, k_max=self.k_max)
+        check_run_match(table_metadata(table), self.trace_dir, vocab_size=self.vocab_size, k_max=self.k_max,
+                        tokenizer_hash=self.source.tokenizer_hash if self.source is not None else None)
         if self.piece_table is None and self.source is not None:
             self.piece_table = self.source.piece_table()  # the student tokenizer's token texts
         split = np.array([split_of(i, self.val_fraction) for i in table.column("id").to_pylist()])

@@ -41,7 +41,7 @@ from bitnet_kde.eval.metrics import (
     token_sums,
 )
 from bitnet_kde.kd.collect import TraceCollector
-from bitnet_kde.kd.traces import read_traces, table_metadata
+from bitnet_kde.kd.traces import check_run_match, read_traces, table_metadata
 from bitnet_kde.model import BitNetLM, PackedBitLinear
 from bitnet_kde.model.packed import packed_copy
 from bitnet_kde.runinfo import run_info
@@ -139,6 +139,7 @@ def held_out_traces(cfg: DictConfig, student: BitNetLM) -> HeldOut:
         collector.write(trace_dir)
     table = read_traces(trace_dir, vocab_size=student.cfg.vocab_size)
     meta = table_metadata(table)
+    check_run_match(meta, trace_dir, vocab_size=student.cfg.vocab_size, tokenizer_hash=collector.tokenizer_hash)
     return HeldOut(collector=collector, trace_dir=trace_dir, ds=TraceDataset(table, student.cfg.max_seq_len),
                    categories=table.column("category").to_pylist(), prompts=table.column("prompt").to_pylist(),
                    teacher_text=table.column("teacher_text").to_pylist(),

@@ -10,9 +10,11 @@ the traces afterwards.
   configuration never reuses (or mixes with) another's traces.
 - **Chunks and resume.** Prompts are cut into fixed chunks; chunk c becomes shard
   `kd-<set>-<c>.parquet`, written atomically. A rerun after a crash (even `kill -9`) skips the
-  chunks whose shard exists and redoes the rest: no duplicates, no gaps.
+  chunks whose shard exists and redoes the rest: no duplicates, no gaps. A shard that no longer
+  has the sha256 the manifest recorded (damaged or replaced) is collected again; the others stay.
 - **Many jobs.** Job `shard_index` of `num_shards` does the chunks with
   `c % num_shards == shard_index`; whichever job finds the set complete writes the manifest.
+- **Provider limits.** `sampling.top_k` above the teacher's `max_top_k` is refused before any request.
 - **Failures are counted, never dropped.** Each shard's metadata lists the prompts that failed
   (id, reason, message); the manifest sums them by reason.
 """
@@ -32,8 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 from bitnet_kde import storage
 from bitnet_kde.kd.projection import ProjectedRow, project_identity, project_strings
 from bitnet_kde.kd.prompts import Prompt, load_prompts, prompt_set_hash
-from bitnet_kde.kd.traces import (arrow_path, content_id, folder_names, manifest_complete, shard_name, trace_metadata,
-                                   write_manifest, write_trace_shard)
+from bitnet_kde.kd.traces import (arrow_path, content_id, folder_names, manifest_complete, mismatched_shards, shard_name,
+                                   trace_metadata, write_manifest, write_trace_shard)
 from bitnet_kde.teachers import SamplingConfig, Teacher, TeacherFailure, TeacherSequence, build_teacher
 from bitnet_kde.tokenizer import chat_ids, load_student_tokenizer, tokenizer_hash
 
@@ -138,12 +140,17 @@ class TraceCollector:
         chunks = self.chunks()
         mine = [c for c in range(len(chunks)) if c % self.num_shards == self.shard_index]
         present = folder_names(trace_dir)
-        todo = [c for c in mine if storage.name_of(self.shard_path(trace_dir, c)) not in present]
+        damaged = mismatched_shards(trace_dir)
+        for why in damaged.values():
+            log.warning("%s: collecting it again", why)
+        todo = [c for c in mine if (name := storage.name_of(self.shard_path(trace_dir, c))) not in present
+                or name in damaged]
         log.info("trace set %s: %d chunks, %d for this job, %d to collect", self.trace_set_id, len(chunks),
                  len(mine), len(todo))
         if todo:
             teacher = self.teacher()
             teacher.check_kd()
+            self.check_top_k(teacher)
             self._collect(teacher, trace_dir, [(c, chunks[c]) for c in todo])
         shards = [self.shard_path(trace_dir, c) for c in range(len(chunks))]
         present = folder_names(trace_dir)
@@ -157,6 +164,13 @@ class TraceCollector:
         else:
             log.info("trace set %s: waiting for other jobs' shards", self.trace_set_id)
         return shards
+
+    def check_top_k(self, teacher: Teacher) -> None:
+        """Refuse more candidates per position than the provider returns (it would cap them silently)."""
+        if self.sampling.top_k > teacher.max_top_k:
+            raise ValueError(f"collection.sampling.top_k={self.sampling.top_k} exceeds what teacher provider "
+                             f"{teacher.provider!r} returns per position (max_top_k={teacher.max_top_k}); "
+                             f"set collection.sampling.top_k to at most {teacher.max_top_k}")
 
     def _collect(self, teacher: Teacher, trace_dir: str | Path, work: list[tuple[int, list[Prompt]]]) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -52,6 +52,11 @@ class BigramTraceSource:
         blob = json.dumps({"teacher": f"{self.provider}/{self.model}", **self.settings}, sort_keys=True)
         return content_id(blob)
 
+    @property
+    def tokenizer_hash(self) -> str:
+        """Its ids belong to no real tokenizer: the trace-set id stands in for one in the metadata."""
+        return self.trace_set_id
+
     def is_complete(self, trace_dir: str | Path) -> bool:
         return manifest_complete(trace_dir, self.trace_set_id)
 
@@ -73,7 +78,7 @@ class BigramTraceSource:
         meta = trace_metadata(
             teacher_provider=self.provider, teacher_model=self.model, k=self.k,
             sampling={"temperature": 1.0, "seed": self.seed}, logprob_mode="exact",
-            tokenizer_name="synthetic-ids", tokenizer_hash=self.trace_set_id, vocab_size=self.vocab_size,
+            tokenizer_name="synthetic-ids", tokenizer_hash=self.tokenizer_hash, vocab_size=self.vocab_size,
         )
         rows, shards = [], []
         for i in range(self.num_sequences):

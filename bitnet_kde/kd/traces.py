@@ -8,6 +8,10 @@ can act on, never turn into a NaN loss.
 The shared conventions live here so writers cannot drift apart: content ids (`content_id`),
 shard file names (`shard_name`), the Other mass (`other_from_topk`, `OTHER_FLOOR`), reading a
 list column (`list_offsets`) and what a producer of trace sets offers (`TraceSource`).
+
+Integrity: shards are written with Parquet page checksums (verified on every read), and a folder
+with a `manifest.json` is read only when each listed shard still has the sha256 and row count the
+manifest recorded, so a flipped bit or a swapped file stops the run and names the shard.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bitnet_kde import storage
@@ -45,6 +50,8 @@ __all__ = [
     "list_shards",
     "write_manifest",
     "manifest_complete",
+    "mismatched_shards",
+    "check_run_match",
 ]
 
 SCHEMA_VERSION = "1"
@@ -72,6 +79,15 @@ OTHER_FLOOR = -30.0
 """`other_logprob` stored when the candidates hold (numerically) all the mass, instead of -inf."""
 
 
+RECOLLECT = ("re-collect it: `python collect.py` (`make collect`) rewrites exactly the shards that do not match "
+             "their manifest entry, and a run whose data has a source rewrites them when it starts")
+"""What to do about a shard that no longer matches its manifest entry."""
+
+DUPLICATE_HINT = ("a row id is a content address, so two rows with one id mean two trace sets were mixed "
+                  "or a shard was copied; remove the extra copy (or re-collect into an empty folder)")
+"""What to do about a row id seen twice (refused, never dropped: see docs/TRACE_FORMAT.md)."""
+
+
 class TraceValidationError(ValueError):
     """A trace file that cannot be trained on; the message names file, row and field."""
 
@@ -83,6 +99,10 @@ class TraceSource(Protocol):
     @property
     def trace_set_id(self) -> str:
         """Content address of the trace set; its shard names and manifest carry it."""
+
+    @property
+    def tokenizer_hash(self) -> str:
+        """The `student_tokenizer_hash` its shards carry (the run refuses traces with another)."""
 
     def is_complete(self, trace_dir: str | os.PathLike) -> bool:
         """True when `trace_dir` holds this whole trace set (manifest and every shard)."""
@@ -164,7 +184,7 @@ def write_trace_shard(rows: list[dict] | pa.Table, path: str | os.PathLike, meta
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
     table = table.cast(TRACE_SCHEMA).replace_schema_metadata(metadata)
     with storage.open_atomic(path) as f:
-        pq.write_table(table, f)
+        pq.write_table(table, f, write_page_checksum=True)  # every read verifies them
     return storage.join(path) if storage.is_local(path) else os.fspath(path)
 
 
@@ -196,6 +216,30 @@ def _read_manifest(trace_dir) -> dict | None:
         raise TraceValidationError(f"{url}: not valid JSON ({e}); delete it and re-run collection") from e
 
 
+def _manifest_entries(trace_dir) -> list[tuple[Path | str, dict | None]]:
+    """(shard, its manifest entry) for every shard of a folder: those `manifest.json` lists (with
+    their entries), else every visible `*.parquet` (entry None)."""
+    info = _read_manifest(trace_dir)
+    names = folder_names(trace_dir)
+    if info is None:
+        return [(storage.join(trace_dir, n), None) for n in sorted(names)
+                if n.endswith(".parquet") and not n.startswith(".")]
+    manifest = storage.join(trace_dir, "manifest.json")
+    shards = info.get("shards")
+    if not isinstance(shards, list):
+        raise TraceValidationError(f"{manifest}: no 'shards' list; delete the manifest or re-run collection")
+    for e in shards:
+        if not (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("rows"), int)
+                and isinstance(e.get("sha256"), str)):
+            raise TraceValidationError(f"{manifest}: shard entry {e!r} lacks its file, rows or sha256; "
+                                       "delete the manifest and re-run collection")
+    missing = [e["file"] for e in shards if e["file"] not in names]
+    if missing:
+        raise TraceValidationError(f"{manifest}: lists shards that are missing: {missing[:5]}; "
+                                   "re-run collection to complete the trace set")
+    return [(storage.join(trace_dir, e["file"]), e) for e in shards]
+
+
 def list_shards(trace_dir: str | os.PathLike) -> list[Path | str]:
     """Shard files of a trace folder: those its `manifest.json` lists, else every `*.parquet`.
 
@@ -204,37 +248,77 @@ def list_shards(trace_dir: str | os.PathLike) -> list[Path | str]:
     (temporary files of unfinished writes) are never returned. Local folders give `Path`s,
     storage URLs give URL strings.
     """
+    return [path for path, _ in _manifest_entries(trace_dir)]
+
+
+def _file_sha256(path, sink=None) -> str:
+    """sha256 of a file, streamed in 1 MiB blocks through storage (any store); each block also
+    goes to `sink` when given."""
+    digest = hashlib.sha256()
+    with storage.open_url(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            if sink is not None:
+                sink(block)
+    return digest.hexdigest()
+
+
+def _read_hashed(path) -> tuple[bytes, str]:
+    """The bytes of a file and their sha256, hashed while they stream in (one read)."""
+    blocks: list[bytes] = []
+    sha = _file_sha256(path, blocks.append)
+    return b"".join(blocks), sha
+
+
+def _mismatch(path, entry: dict, sha256: str, rows: int | str | None = None) -> str:
+    """What is wrong with a shard whose bytes (or row count) differ from its manifest entry."""
+    counted = "" if rows is None else f"; {rows} rows, the manifest says {entry.get('rows')}"
+    return (f"{path}: does not match its manifest.json entry (sha256 {sha256[:16]}..., the manifest says "
+            f"{str(entry.get('sha256'))[:16]}...{counted}): the file was changed, damaged or replaced after it "
+            "was written")
+
+
+def mismatched_shards(trace_dir: str | os.PathLike) -> dict[str, str]:
+    """Shards of a folder that exist but no longer have the sha256 their `manifest.json` entry
+    recorded: file name -> why. Empty without a manifest (nothing to compare with)."""
     info = _read_manifest(trace_dir)
+    if info is None or not isinstance(info.get("shards"), list):
+        return {}
     names = folder_names(trace_dir)
-    if info is not None:
-        manifest = storage.join(trace_dir, "manifest.json")
-        if not isinstance(info.get("shards"), list):
-            raise TraceValidationError(f"{manifest}: no 'shards' list; delete the manifest or re-run collection")
-        listed = [s["file"] for s in info["shards"]]
-        missing = [n for n in listed if n not in names]
-        if missing:
-            raise TraceValidationError(f"{manifest}: lists shards that are missing: {missing[:5]}; "
-                                       "re-run collection to complete the trace set")
-        return [storage.join(trace_dir, n) for n in listed]
-    return [storage.join(trace_dir, n) for n in sorted(names) if n.endswith(".parquet") and not n.startswith(".")]
+    bad = {}
+    for e in info["shards"]:
+        if isinstance(e, dict) and e.get("file") in names:
+            path = storage.join(trace_dir, e["file"])
+            sha = _file_sha256(path)
+            if sha != e.get("sha256"):
+                bad[e["file"]] = _mismatch(path, e, sha)
+    return bad
 
 
 def read_traces(source, *, vocab_size: int | None = None, k_max: int = 128) -> pa.Table:
     """Read one file, a folder of shards or a list of files; validate; return one table.
 
     `vocab_size` (when given) bounds every token id; `k_max` bounds the candidates per position.
+    A folder with a `manifest.json` is read only if each shard has the sha256 and row count the
+    manifest recorded. Row ids must be unique across all files, and the files must agree on the
+    student tokenizer and vocabulary they were made for.
     Raises `TraceValidationError` naming the file, row and field of the first problem.
     """
     if isinstance(source, (list, tuple)):
-        files = list(source)
+        files = [(f, None) for f in source]
     elif _is_dir(source):
-        files = list_shards(source)
+        files = _manifest_entries(source)
         if not files:
             raise TraceValidationError(f"{source}: no *.parquet trace shards in this folder")
     else:
-        files = [source]
-    tables = [_read_one(f, vocab_size=vocab_size, k_max=k_max) for f in files]
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        files = [(source, None)]
+    tables = [_read_one(f, entry, vocab_size=vocab_size, k_max=k_max) for f, entry in files]
+    paths = [f for f, _ in files]
+    _check_same_trace_set(paths, tables)
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if len(tables) > 1 and pc.count_distinct(table.column("id")).as_py() != table.num_rows:
+        _fail_duplicate_across(paths, tables)
+    return table
 
 
 def _is_dir(url) -> bool:
@@ -242,18 +326,35 @@ def _is_dir(url) -> bool:
     return fs.isdir(p)
 
 
-def _read_one(path, *, vocab_size: int | None, k_max: int) -> pa.Table:
+def _read_one(path, entry: dict | None, *, vocab_size: int | None, k_max: int) -> pa.Table:
+    """One validated shard; `entry` (its manifest entry, if any) must match its bytes and rows."""
     if not storage.exists(path):
         raise TraceValidationError(f"{path}: trace file not found")
     try:
-        src, fs = arrow_path(path)
-        table = pq.read_table(src, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as e:
+        if entry is None:
+            src, fs = arrow_path(path)
+            table = pq.read_table(src, filesystem=fs, page_checksum_verification=True)
+        else:
+            data, sha = _read_hashed(path)
+            if sha != entry["sha256"]:
+                try:
+                    rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+                except (pa.ArrowException, OSError):
+                    rows = "unreadable"
+                raise TraceValidationError(f"{_mismatch(path, entry, sha, rows)}; {RECOLLECT}")
+            table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+        # The footer (names, metadata) has no checksum, and files made elsewhere may have none at
+        # all: text that is not UTF-8 is damage too, found here rather than deep in a later step.
+        meta = table_metadata(table)
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
         raise TraceValidationError(
             f"{path}: not a readable Parquet file (truncated or corrupt?): {e}. "
             "Delete it and re-run collection to regenerate it."
         ) from e
-    version = table_metadata(table).get("schema_version")
+    if entry is not None and table.num_rows != entry["rows"]:
+        raise TraceValidationError(f"{_mismatch(path, entry, sha, table.num_rows)}; {RECOLLECT}")
+    version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise TraceValidationError(
             f"{path}: trace schema version {version!r}, this version of bitnet-kde reads "
@@ -263,6 +364,37 @@ def _read_one(path, *, vocab_size: int | None, k_max: int) -> pa.Table:
     table = table.select(TRACE_SCHEMA.names)
     validate_traces(table, name=str(path), vocab_size=vocab_size, k_max=k_max)
     return table.cast(TRACE_SCHEMA.with_metadata(table.schema.metadata))
+
+
+SET_KEYS = ("student_tokenizer_hash", "vocab_size")
+"""Metadata every file of one trace set shares: ids only mean something under one tokenizer."""
+
+
+def _check_same_trace_set(paths: list, tables: list[pa.Table]) -> None:
+    first: dict[str, tuple] = {}
+    for path, table in zip(paths, tables):
+        meta = table_metadata(table)
+        for key in SET_KEYS:
+            if key not in meta:
+                continue
+            seen = first.setdefault(key, (path, meta[key]))
+            if seen[1] != meta[key]:
+                raise TraceValidationError(
+                    f"{path}: made for {META_PREFIX}{key}={meta[key]!r}, but {seen[0]} for {seen[1]!r}: "
+                    "shards of different trace sets are mixed; keep one trace set per folder "
+                    "(or re-collect into an empty one)")
+
+
+def _fail_duplicate_across(paths: list, tables: list[pa.Table]) -> None:
+    """Name the first row id that appears in two files (each file alone has unique ids)."""
+    seen: dict[str, tuple] = {}
+    for path, table in zip(paths, tables):
+        for row, rid in enumerate(table.column("id").to_pylist()):
+            if rid in seen:
+                raise TraceValidationError(
+                    f"{path}: row {row} has id {rid!r}, which {seen[rid][0]} row {seen[rid][1]} has too: "
+                    f"{DUPLICATE_HINT}")
+            seen[rid] = (path, row)
 
 
 def _check_types(path, schema: pa.Schema) -> None:
@@ -308,6 +440,12 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
         return int(np.searchsorted(offsets, flat_index, side="right") - 1)
 
     n = table.num_rows
+    if len(set(ids)) != n:
+        first: dict[str, int] = {}
+        for r, rid in enumerate(ids):
+            if rid in first:
+                fail(r, "id", f"row {first[rid]} has the same id: {DUPLICATE_HINT}")
+            first[rid] = r
     for field in ("id", "input_ids", "completion_start", "topk_ids", "topk_logprobs", "other_logprob", "kd_valid"):
         row = _first_null(table.column(field))
         if row is not None:
@@ -372,6 +510,16 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
     bad = np.flatnonzero((cand_ids < 0) | (cand_ids >= upper))
     if bad.size:
         fail_cand("topk_ids", bad[0], f"token id {cand_ids[bad[0]]} outside [0, {vocab_size or 'vocab'})")
+    if cand_ids.size:
+        # (position, id) as one int64 key: equal neighbours after sorting are a repeated candidate
+        span = int(cand_ids.max()) + 1
+        key = np.sort(cand_pos.astype(np.int64) * span + cand_ids)
+        dup = np.flatnonzero(key[1:] == key[:-1])
+        if dup.size:
+            p, tok_id = divmod(int(key[dup[0]]), span)
+            r = int(pos_row[p])
+            fail(r, "topk_ids", f"position {p - row_off[r]}: student id {tok_id} is listed twice; each id may "
+                 "appear once per position (merge such candidates with log-sum-exp)")
     bad = np.flatnonzero(~np.isfinite(cand_lp))
     if bad.size:
         fail_cand("topk_logprobs", bad[0], f"logprob {cand_lp[bad[0]]} is not finite")
@@ -403,13 +551,9 @@ def write_manifest(trace_dir: str | os.PathLike, shards: list, info: dict) -> Pa
     """Write `manifest.json` (atomically) listing shards with row counts and sha256 hashes."""
     entries = []
     for shard in shards:
-        digest = hashlib.sha256()
-        with storage.open_url(shard, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
         src, fs = arrow_path(shard)
         rows = pq.ParquetFile(src, filesystem=fs).metadata.num_rows
-        entries.append({"file": storage.name_of(shard), "rows": rows, "sha256": digest.hexdigest()})
+        entries.append({"file": storage.name_of(shard), "rows": rows, "sha256": _file_sha256(shard)})
     manifest = {"schema_version": SCHEMA_VERSION, **info, "shards": entries,
                 "rows": sum(e["rows"] for e in entries)}
     return storage.write_text_atomic(storage.join(trace_dir, "manifest.json"),
@@ -417,7 +561,9 @@ def write_manifest(trace_dir: str | os.PathLike, shards: list, info: dict) -> Pa
 
 
 def manifest_complete(trace_dir: str | os.PathLike, trace_set_id: str, shards: list | None = None) -> bool:
-    """True when `trace_dir/manifest.json` describes `trace_set_id` and its shards all exist.
+    """True when `trace_dir/manifest.json` describes `trace_set_id` and its shards all exist with
+    the sha256 it recorded (a damaged or replaced shard makes the set incomplete, so it is
+    written again).
 
     `shards` (the files the caller expects) defaults to those the manifest lists.
     """
@@ -426,4 +572,36 @@ def manifest_complete(trace_dir: str | os.PathLike, trace_set_id: str, shards: l
         return False
     wanted = [s["file"] for s in info.get("shards", [])] if shards is None else [storage.name_of(s) for s in shards]
     names = folder_names(trace_dir)
-    return all(n in names for n in wanted)
+    return all(n in names for n in wanted) and not mismatched_shards(trace_dir)
+
+
+def check_run_match(meta: dict[str, str], where: str, *, vocab_size: int | None = None,
+                    tokenizer_hash: str | None = None, k_max: int | None = None) -> None:
+    """Refuse traces made for another run: their metadata (`table_metadata`) against the run's
+    vocabulary size, student tokenizer hash and largest K. A key the traces lack is not compared
+    (traces made elsewhere); a value the run does not know (None) neither."""
+    def refuse(what: str, fix: str):
+        raise TraceValidationError(f"{where}: {what}; {fix}")
+
+    other_tokenizer = "use traces collected for this run's student tokenizer (re-collect them)"
+    if vocab_size is not None and "vocab_size" in meta and meta["vocab_size"] != str(vocab_size):
+        refuse(f"the traces were made for a vocabulary of {meta['vocab_size']} ids ({META_PREFIX}vocab_size), "
+               f"this run's student has vocab_size={vocab_size}",
+               f"{other_tokenizer}, or set data.vocab_size={meta['vocab_size']} if the student uses their tokenizer")
+    if tokenizer_hash is not None and "student_tokenizer_hash" in meta \
+            and meta["student_tokenizer_hash"] != tokenizer_hash:
+        refuse(f"the traces were made for student tokenizer hash {meta['student_tokenizer_hash']} "
+               f"({META_PREFIX}student_tokenizer_hash, {meta.get('student_tokenizer', '?')}), this run's student "
+               f"tokenizer has hash {tokenizer_hash}", other_tokenizer)
+    if k_max is not None and "k" in meta:
+        try:
+            k = int(meta["k"])
+        except ValueError:
+            refuse(f"{META_PREFIX}k={meta['k']!r} is not a number of candidates", "re-collect the traces")
+        if k < 1:
+            refuse(f"the traces declare K={k} candidates per position ({META_PREFIX}k)",
+                   f"re-collect them with collection.sampling.top_k between 1 and {k_max}")
+        if k > k_max:
+            refuse(f"the traces hold K={k} candidates per position ({META_PREFIX}k), this run accepts "
+                   f"data.k_max={k_max}", f"set data.k_max to at least {k}, or re-collect with "
+                   f"collection.sampling.top_k between 1 and {k_max}")
