@@ -154,6 +154,8 @@ def test_unexpected_errors_keep_their_traceback(log_file):
     ("train.py", ["model=nosuch"], "config: In 'train': Could not find 'model/nosuch'"),
     # checked before the student tokenizer, the prompts or any model load
     ("collect.py", ["teacher=openai"], "OPENAI_API_KEY is not set"),
+    # configs that cannot combine: smoke sizes data=synthetic's source, parquet has none
+    ("train.py", ["experiment=smoke", "data=parquet"], "do not combine with this one"),
 ])
 def test_entry_points_end_a_user_error_with_one_line(tmp_path, script, args, says):
     env = {k: v for k, v in os.environ.items()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -32,6 +32,10 @@ from bitnet_kde.kd.traces import (TraceSource, check_run_match, list_offsets, li
                                    table_metadata)
 
 log = logging.getLogger(__name__)
+
+
+class DataConfigError(ValueError):
+    """Data settings that cannot work together (one line, naming the keys)."""
 
 
 def split_of(row_id: str, val_fraction: float) -> str:
@@ -160,6 +164,12 @@ class KDTraceDataModule(pl.LightningDataModule):
                  k_max: int = 128, batch_size: int = 16, val_batch_size: int | None = None, val_fraction: float = 0.1,
                  num_workers: int = 2, pin_memory: bool = False, piece_table: Sequence[str] | None = None):
         super().__init__()
+        if isinstance(source, Mapping):
+            # e.g. experiment=smoke (which sizes data=synthetic's source) with data=parquet
+            raise DataConfigError(
+                f"data.source has settings ({', '.join(sorted(map(str, source)))}) but no _target_: they were "
+                "written for a data config whose source writes traces and do not combine with this one; "
+                "pick that data config (e.g. data=synthetic) or drop the data.source settings")
         self.trace_dir = str(trace_dir)
         self.vocab_size, self.source = vocab_size, source
         self.max_seq_len, self.k_max = max_seq_len, k_max

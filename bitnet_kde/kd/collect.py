@@ -101,7 +101,8 @@ class TraceCollector:
             return {"name": self._teacher.name}
         cfg = self._teacher_cfg
         cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        return {k: v for k, v in sorted(cfg.items()) if k not in RUNTIME_KEYS}
+        return {k: storage.redact_urls(v) if isinstance(v, str) else v
+                for k, v in sorted(cfg.items()) if k not in RUNTIME_KEYS}
 
     @functools.cached_property
     def tokenizer_hash(self) -> str:
