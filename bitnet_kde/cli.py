@@ -8,8 +8,7 @@ command line always wins.
 A user error (a config that does not compose or combine, a missing input, missing or refused
 credentials, an unreachable service: see `user_error`) ends the program with one line on stderr,
 `error: <what to fix>`, and exit status 1; its traceback goes to the run's log file (Hydra's
-`<task>.log` in the run folder) and, with `BITNET_KDE_DEBUG=1` (or `HYDRA_FULL_ERROR=1`), to the
-console too. Any other exception is a bug and keeps its full traceback.
+`<task>.log` in the run folder) and, with `BITNET_KDE_DEBUG=1`, to the console too. Any other exception is a bug and keeps its full traceback.
 """
 
 from __future__ import annotations
@@ -111,9 +110,9 @@ def error_line(exc: BaseException) -> str:
 
 
 def _debug() -> bool:
-    """Debugging asked for: BITNET_KDE_DEBUG, or Hydra's own HYDRA_FULL_ERROR, set by the user."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in (DEBUG_VARIABLE, "HYDRA_FULL_ERROR"))
+    """Debugging asked for with BITNET_KDE_DEBUG (not HYDRA_FULL_ERROR: `run` sets that itself, and
+    processes started from a run, such as DDP ranks, inherit it)."""
+    return os.environ.get(DEBUG_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def report(exc: BaseException, *, debug: bool = False) -> int:
@@ -166,6 +165,7 @@ def run(main: Callable[[], object], *, teacher: bool = True, accept_old_provider
     sys.argv = hydra_argv(sys.argv, teacher=teacher, accept_old_provider=accept_old_provider)
     debug = _debug()
     # Hydra then re-raises the job's exception instead of printing its own report
+    hydra_full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     stderr, sys.stderr = sys.stderr, _WithoutHydraBanner(sys.stderr)
     try:
@@ -177,3 +177,7 @@ def run(main: Callable[[], object], *, teacher: bool = True, accept_old_provider
         sys.exit(report(exc, debug=debug))
     finally:
         sys.stderr = stderr
+        if hydra_full_error is None:  # leave the environment as it was for the caller
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = hydra_full_error

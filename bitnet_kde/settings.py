@@ -155,7 +155,7 @@ RULES: tuple[Rule, ...] = (
     Rule("speed.prompts", integer=True, ge=0),
     _count("speed.max_new_tokens"),
     _positive("speed.teacher_tokens_per_s", null=True),
-    _count("teacher_weight_bytes", null=True),
+    Rule("teacher_weight_bytes", ge=1, null=True, note="bytes; e.g. 5.4e8"),
     Rule("report_answers", integer=True, ge=0),
 )
 """Every checked key; a key missing from a stage's config is skipped."""

@@ -48,12 +48,14 @@ def test_old_provider_variable_only_where_it_was_read_and_with_a_warning(clean_e
 
 
 def test_run_loads_dotenv_registers_resolvers_and_hands_hydra_the_arguments(clean_env, tmp_path):
+    clean_env.delenv("HYDRA_FULL_ERROR", raising=False)
     (tmp_path / ".env").write_text("TEACHER_PROVIDER=vllm\n")
     clean_env.chdir(tmp_path)
     clean_env.setattr(sys, "argv", ["train.py", "model=tiny"])
     seen = []
     cli.run(lambda: seen.append(list(sys.argv)))
     assert seen == [["train.py", "model=tiny", "teacher=vllm"]]
+    assert "HYDRA_FULL_ERROR" not in os.environ  # set for Hydra during the run only
     assert OmegaConf.has_resolver("local_dir") and OmegaConf.has_resolver("run_dir_on_store")
 
 
@@ -94,7 +96,6 @@ def log_file(clean_env, tmp_path):
     yield tmp_path / "collect.log"
     logging.getLogger().removeHandler(handler)
     handler.close()
-    os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 def test_user_error_is_one_line_and_its_traceback_goes_to_the_log(log_file, capsys):
