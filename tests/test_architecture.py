@@ -4,6 +4,7 @@ Rules:
 - `model/`, `losses.py` and `quant.py` import torch and each other only;
 - `storage.py`, `tokenizer.py` and `runinfo.py` import nothing of ours;
 - teachers never import the student side (model, losses, quant, data, training, checkpoint, export);
+- every other layer imports only the layers the table in docs/ARCHITECTURE.md allows it;
 - nothing in the package or scripts imports a root entry-point script;
 - imports of our own modules sit at module level (an import hidden inside a function is how a
   cycle gets dodged), and the module-level import graph has no cycle.
@@ -95,6 +96,39 @@ def test_modules_found():
     # guards the test itself: the walk must see the package's layers
     for name in ("bitnet_kde.model.bitnet", "bitnet_kde.losses", "bitnet_kde.teachers.base", "bitnet_kde.storage"):
         assert name in MODULES
+
+
+LAYERS = {  # area -> layer, as in the table of docs/ARCHITECTURE.md
+    "quant": "student math", "losses": "student math", "model": "student math",
+    "storage": "bottom", "tokenizer": "bottom", "runinfo": "bottom",
+    "teachers": "teachers", "kd": "traces", "data": "training", "training": "training",
+    "checkpoint": "formats", "export": "formats",
+    "eval": "stages", "dryrun": "stages", "settings": "stages", "cli": "stages", "env": "stages",
+}
+MAY_IMPORT = {  # layer -> the layers it may import (besides its own)
+    "student math": set(),
+    "bottom": set(),
+    "teachers": {"bottom"},
+    "traces": {"teachers", "bottom"},
+    "training": {"student math", "traces", "bottom"},
+    "formats": {"student math", "bottom"},
+    "stages": {"student math", "bottom", "teachers", "traces", "training", "formats"},
+}
+
+
+def layer_of(name: str) -> str:
+    area = name.split(".")[1]
+    assert area in LAYERS, f"{name}: add its area to LAYERS here and to the table in docs/ARCHITECTURE.md"
+    return LAYERS[area]
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if m != "bitnet_kde"])
+def test_each_layer_imports_only_the_layers_below(name):
+    mine = layer_of(name)
+    for mod in our_imports(name):
+        if mod != "bitnet_kde" and not mod.split(".")[0] in ENTRY_POINTS:
+            theirs = layer_of(mod)
+            assert theirs == mine or theirs in MAY_IMPORT[mine], f"{name} ({mine}) imports {mod} ({theirs})"
 
 
 @pytest.mark.parametrize("name", [m for m in MODULES if in_area(m, "model", "losses", "quant")])
