@@ -207,13 +207,13 @@ def _cross_checks(cfg: DictConfig) -> None:
         raise _refuse("activation_bits", bits, "4 or 8, or null (the checkpoint's mode)")
 
 
-def check(cfg: DictConfig, *, rules: tuple[Rule, ...] = RULES, exit_on_error: bool = False) -> None:
+def check(cfg: DictConfig, *, exit_on_error: bool = False) -> None:
     """Refuse the first setting of `cfg` outside its range (`SettingsError`, one line).
 
     With `exit_on_error` the program exits with that line instead (what the entry points use).
     """
     try:
-        for rule in rules:
+        for rule in RULES:
             value = _value(cfg, rule.key)
             if value is not _MISSING and not rule.allows(value):
                 raise _refuse(rule.key, value, rule.allowed)
