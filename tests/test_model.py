@@ -29,7 +29,7 @@ def test_presets():
     assert (t.d_model, t.n_layers, t.n_heads, t.n_kv_heads, t.ffn_dim) == (64, 2, 4, 2, 192)
     assert t.head_dim == 16
     m = BitNetConfig.from_name("mini")
-    assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim) == (384, 6, 6, 2, 1024)
+    assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim) == (512, 6, 8, 2, 1024)
     b = BitNetConfig.from_name("7b")
     assert (b.vocab_size, b.d_model, b.n_layers, b.n_heads, b.n_kv_heads, b.ffn_dim) == (32000, 4096, 32, 32, 32, 11008)
     assert b.head_dim == 128 and b.max_seq_len == 2048
@@ -39,7 +39,7 @@ def test_presets():
 
 def test_overrides_do_not_mutate_presets():
     c = BitNetConfig.from_name("mini", vocab_size=512, n_layers=3, activation_bits=4)
-    assert (c.vocab_size, c.n_layers, c.activation_bits, c.d_model) == (512, 3, 4, 384)
+    assert (c.vocab_size, c.n_layers, c.activation_bits, c.d_model) == (512, 3, 4, 512)
     fresh = BitNetConfig.from_name("mini")
     assert (fresh.vocab_size, fresh.n_layers, fresh.activation_bits) == (49152, 6, 8)
     assert c.to_dict()["vocab_size"] == 512

@@ -8,7 +8,7 @@ Architecture choices (and why):
 - **Full-precision embedding and LM head, tied by default.** They are a lookup and a single
   projection whose precision matters most for the output distribution, and BitNet keeps them
   in high precision as well. Tying halves the parameter count of small students whose vocab
-  dominates (49k x 384 is 19M parameters).
+  dominates (49k x 512 is 25M parameters).
 - **RMSNorm pre-norm + SubLN**: an extra RMSNorm right before the attention output projection
   and before the FFN down projection. The input of a BitLinear is quantized per token; SubLN
   keeps its scale stable so the absmax grid is well used.
@@ -53,11 +53,11 @@ class BitNetConfig:
 
     vocab_size: int = 49152
     """Size of the student tokenizer's vocabulary (rows of the embedding / LM head)."""
-    d_model: int = 384
+    d_model: int = 512
     """Width of the residual stream."""
     n_layers: int = 6
     """Number of transformer blocks."""
-    n_heads: int = 6
+    n_heads: int = 8
     """Number of query heads; `d_model` must be divisible by it."""
     n_kv_heads: int = 2
     """Number of key/value heads (grouped-query attention); must divide `n_heads`."""
@@ -123,8 +123,11 @@ class BitNetConfig:
 PRESETS: dict[str, BitNetConfig] = {
     # Seconds-scale model for tests.
     "tiny": BitNetConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=256),
-    # CPU-trainable default: ~9M block parameters + the (tied) embedding.
-    "mini": BitNetConfig(d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=512),
+    # CPU-trainable default: ~13M block parameters + the (tied) embedding. Every BitLinear input
+    # width (512, 1024) is a multiple of 256, the block size of llama.cpp's ternary TQ1_0/TQ2_0
+    # types; a training step costs what the earlier d_model=384 preset cost (the vocabulary
+    # projection dominates at this size).
+    "mini": BitNetConfig(d_model=512, n_layers=6, n_heads=8, n_kv_heads=2, ffn_dim=1024, max_seq_len=512),
     # LLaMA-7B dimensions, for the memory dry-run.
     "7b": BitNetConfig(
         vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, max_seq_len=2048
