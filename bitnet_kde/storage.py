@@ -1,8 +1,10 @@
 """Where data, checkpoints and reports live: every path is an fsspec URL resolved here.
 
-A plain path or `file://` URL is the local disk (a mounted Colab Drive folder is one too);
-`s3://`, `gs://`, `az://`/`abfs://` and `webdav://` go to object stores and WebDAV servers
-through their fsspec packages (optional extras: `pip install bitnet-kde[s3]` and so on).
+A plain path or `file://` URL is the local disk (a mounted Colab Drive folder or a synced
+iCloud Drive folder is one too); `s3://`, `gs://`, `az://`/`abfs://` and `webdav://` go to
+object stores and WebDAV servers, `dropbox://`, `msgd://` (OneDrive / SharePoint) and `box://`
+to those services' APIs, each through its fsspec package (optional extras:
+`pip install bitnet-kde[s3]` and so on).
 
 Credentials and endpoints are never part of a config. Each backend names the *environment
 variables* that hold them (`BACKENDS`; a Hydra `storage` config may rename them); their values
@@ -31,7 +33,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
 import fsspec
+import fsspec.asyn
 import fsspec.config
+import fsspec.exceptions
 from omegaconf import OmegaConf
 
 __all__ = [
@@ -86,7 +90,8 @@ BACKENDS: dict[str, Backend] = {
         required=("key", "secret"), secret=("key", "secret", "token")),
     "gcs": Backend(
         "gcs", ("gs", "gcs"), "gcsfs", "gcs",
-        env={"token": "GOOGLE_APPLICATION_CREDENTIALS", "project": "GOOGLE_CLOUD_PROJECT"},
+        env={"token": "GOOGLE_APPLICATION_CREDENTIALS", "project": "GOOGLE_CLOUD_PROJECT",
+             "endpoint_url": "STORAGE_EMULATOR_HOST"},
         required=("token",), secret=()),
     "azure": Backend(
         "azure", ("az", "abfs", "abfss"), "adlfs", "azure",
@@ -98,6 +103,20 @@ BACKENDS: dict[str, Backend] = {
         "webdav", ("webdav",), "webdav4.fsspec", "webdav",
         env={"base_url": "WEBDAV_URL", "username": "WEBDAV_USERNAME", "password": "WEBDAV_PASSWORD"},
         required=("base_url", "username", "password"), secret=("password",)),
+    "dropbox": Backend(
+        "dropbox", ("dropbox",), "dropboxdrivefs", "dropbox",
+        env={"token": "DROPBOX_TOKEN"}, required=("token",), secret=("token",)),
+    # OneDrive for Business and SharePoint document libraries through Microsoft Graph, with an
+    # app registration's client credentials; the URL is msgd://<site>/<drive>/<path>
+    "onedrive": Backend(
+        "onedrive", ("msgd",), "msgraphfs", "onedrive",
+        env={"client_id": "MSGRAPHFS_CLIENT_ID", "tenant_id": "MSGRAPHFS_TENANT_ID",
+             "client_secret": "MSGRAPHFS_CLIENT_SECRET"},
+        required=("client_id", "tenant_id", "client_secret"), secret=("client_secret",)),
+    # `oauth` is the path of a Box app's JWT configuration file (it holds the private key)
+    "box": Backend(
+        "box", ("box",), "boxfs", "box",
+        env={"oauth": "BOX_JWT_CONFIG_FILE"}, required=("oauth",), secret=()),
 }
 """Backends by name, with the default names of the variables each one reads."""
 
@@ -192,8 +211,8 @@ def _fs_options(b: Backend, values: Mapping[str, str]) -> dict[str, Any]:
         if values.get("region", "us-east-1") != "us-east-1":
             opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "region_name": values["region"]}
     elif b.name == "gcs":
-        opts.update({k: values[k] for k in ("token", "project") if k in values})
-    elif b.name == "azure":
+        opts.update({k: values[k] for k in ("token", "project", "endpoint_url") if k in values})
+    elif b.name in ("azure", "dropbox", "onedrive", "box"):
         opts.update({k: values[k] for k in b.env if k in values})
     elif b.name == "webdav":
         if "base_url" in values:
@@ -210,6 +229,12 @@ def _apply(b: Backend) -> None:
     opts = _fs_options(b, _env_values(b))
     for proto in b.protocols:
         fsspec.config.conf[proto] = dict(opts)
+    if b.name == "gcs" and "endpoint_url" in opts:
+        # gcsfs's default class first asks each bucket's type (zonal, hierarchical) over gRPC,
+        # which an HTTP-only endpoint such as an emulator never answers (60 s per bucket); the
+        # plain class speaks only the JSON API, all such an endpoint serves.
+        for proto in b.protocols:
+            fsspec.register_implementation(proto, "gcsfs.core.GCSFileSystem", clobber=True)
 
 
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s?#@]*(?:@[^/\s?#@]*)*@")
@@ -251,10 +276,14 @@ def _check_variables(b: Backend, url: str) -> None:
         raise StorageError(
             f"storage backend '{b.name}' ({url}): missing environment variable(s): {', '.join(missing)}. "
             "Set them in .env or the environment (see .env.example and docs/STORAGE.md).")
-    token = _env_values(b).get("token")
+    values = _env_values(b)
+    token = values.get("token")
     if b.name == "gcs" and token and token not in ("google_default", "cloud", "anon") and not Path(token).is_file():
         raise StorageError(f"storage backend 'gcs' ({url}): {variables(b)['token']} names a file that does not "
                            "exist; point it to your service-account JSON key file")
+    if b.name == "box" and "oauth" in values and not Path(values["oauth"]).is_file():
+        raise StorageError(f"storage backend 'box' ({url}): {variables(b)['oauth']} names a file that does not "
+                           "exist; point it to the JWT configuration file of your Box app")
 
 
 # -- resolving and file operations ------------------------------------------------------------
@@ -282,7 +311,14 @@ def exists(url: str | os.PathLike) -> bool:
 def makedirs(url: str | os.PathLike) -> None:
     """Create the folder `url` and its parents (object stores: the bucket if needed)."""
     fs, path = resolve(url)
-    fs.makedirs(path, exist_ok=True)
+    if backend_of(url).name in ("gcs", "azure"):
+        # gcsfs's and adlfs's makedirs do nothing (these stores have no folders): create the
+        # bucket / container itself
+        bucket = path.split("/", 1)[0]
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+    else:
+        fs.makedirs(path, exist_ok=True)
 
 
 def open_url(url: str | os.PathLike, mode: str = "rb", **kwargs):
@@ -302,7 +338,11 @@ def _rename(fs, src: str, dst: str) -> None:
     if getattr(fs, "protocol", None) in ("webdav", ("webdav", "dav")) and hasattr(fs, "client"):
         fs.client.move(src, dst, overwrite=True)  # a WebDAV MOVE: one rename on the server
     else:
-        fs.mv(src, dst)  # object stores: server-side copy, then delete
+        # object stores: a server-side copy (all-or-nothing), then delete. Spelled out rather than
+        # `mv` because gcsfs's mv first tries GCS's newer moveTo call and, where an endpoint lacks
+        # it, retries it with back-off for ~30 s before copying anyway.
+        fs.copy(src, dst)
+        fs.rm_file(src)
 
 
 @contextlib.contextmanager
@@ -415,14 +455,25 @@ def check_store(url: str | os.PathLike, *, timeout_s: float = 10.0) -> str:
     elif b.name == "webdav":
         opts["timeout"] = timeout_s
         opts["retry"] = False
+    if b.name == "azure":
+        endpoint = _azure_endpoint(values) or endpoint
     path = fs_cls._strip_protocol(s)
     top = path.split("/", 1)[0]
     try:
         fs = fs_cls(**opts)
-        if b.name in ("s3", "gcs", "azure"):
+        if b.name in ("gcs", "azure"):
+            # their clients retry a refused connection with back-off for a minute or more and
+            # take no setting for it: bound the whole request instead
+            fsspec.asyn.sync(fs.loop, fs._ls, top, timeout=timeout_s)
+        elif b.name == "s3":
             fs.ls(top)  # the bucket / container: credentials and endpoint must both work
         else:
             fs.ls("")
+    except fsspec.exceptions.FSTimeoutError:
+        names = variables(b)
+        raise StorageError(f"storage backend '{b.name}': cannot use {s} at {endpoint}: no answer within "
+                           f"{timeout_s:.0f} s; check {names.get('endpoint_url', 'the endpoint')}, the network "
+                           "and the credentials") from None
     except FileNotFoundError as e:
         raise StorageError(f"storage backend '{b.name}' at {endpoint}: bucket or folder {top!r} does not exist "
                            f"({s}); create it (make ensure_dirs) or fix the URL") from None
@@ -438,6 +489,16 @@ def check_store(url: str | os.PathLike, *, timeout_s: float = 10.0) -> str:
         raise StorageError(scrub(
             f"storage backend '{b.name}': cannot use {s} at {endpoint}: {type(e).__name__}: {e}; {hint}")) from None
     return f"{b.name} store {s} at {endpoint} (reachable)"
+
+
+def _azure_endpoint(values: Mapping[str, str]) -> str | None:
+    """The blob endpoint an Azure configuration points to (never a key): a connection string's
+    `BlobEndpoint`, else the account's public endpoint."""
+    conn = dict(part.split("=", 1) for part in values.get("connection_string", "").split(";") if "=" in part)
+    if "BlobEndpoint" in conn:
+        return conn["BlobEndpoint"]
+    name = conn.get("AccountName") or values.get("account_name")
+    return f"https://{name}.blob.core.windows.net" if name else None
 
 
 def _colab_drive(cfg: Mapping) -> None:
@@ -482,6 +543,7 @@ _BUCKET_SETTING = {
     "s3": "S3_BUCKET in .env (or storage.bucket=...)",
     "gcs": "GCS_BUCKET in .env (or storage.bucket=...)",
     "azure": "AZURE_STORAGE_CONTAINER in .env (or storage.container=...)",
+    "onedrive": "MSGRAPHFS_SITE in .env (or storage.site=...)",
 }
 """Where each backend's default config reads its bucket or container from (configs/storage/)."""
 

@@ -1,12 +1,13 @@
-"""Storage backends for real: a moto S3 server and a wsgidav WebDAV server on 127.0.0.1, the local
-disk, atomic writes under kill -9, and clear errors before any work starts."""
+"""Storage backends for real: S3 (moto), GCS (gcp-storage-emulator), Azure Blob (Azurite) and
+WebDAV (wsgidav) servers on 127.0.0.1, the local disk, atomic writes under kill -9, checkpoints
+and resume on every object store, and clear errors before any work starts."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,10 +19,10 @@ from bitnet_kde import storage
 from bitnet_kde.kd import list_shards, read_traces
 from bitnet_kde.kd.synthetic import BigramTraceSource
 from conftest import ROOT
-from storage_servers import S3_KEY_ID, moto_s3, webdav_server
+from storage_servers import S3_KEY_ID, azurite, azurite_binary, free_port, gcs_emulator, moto_s3, webdav_server
 
-pytest.importorskip("s3fs")
-pytest.importorskip("webdav4")
+for _package in ("s3fs", "webdav4", "gcsfs", "adlfs"):
+    pytest.importorskip(_package)
 
 S3_SECRET = f"s3-secret-{uuid.uuid4().hex}"
 DAV_USER, DAV_PASSWORD = "alice", f"dav-pass-{uuid.uuid4().hex}"
@@ -48,6 +49,65 @@ def s3_env(s3_endpoint, monkeypatch):
     return f"bk-{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture(scope="module")
+def gcs_endpoint():
+    with gcs_emulator() as url:
+        yield url
+
+
+@pytest.fixture
+def gcs_env(gcs_endpoint, monkeypatch):
+    """The variables for a GCS endpoint that takes no credentials (an emulator); returns a fresh bucket name."""
+    for k, v in {"GOOGLE_APPLICATION_CREDENTIALS": "anon", "STORAGE_EMULATOR_HOST": gcs_endpoint,
+                 "GOOGLE_CLOUD_PROJECT": "bitnet-kde-test"}.items():
+        monkeypatch.setenv(k, v)
+    return f"bk-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def azurite_connection(tmp_path_factory):
+    if azurite_binary()[0] is None:
+        pytest.skip(azurite_binary()[1])
+    with azurite(tmp_path_factory.mktemp("azurite")) as conn:
+        yield conn
+
+
+@pytest.fixture
+def azure_env(azurite_connection, monkeypatch):
+    """AZURE_STORAGE_CONNECTION_STRING for the Azurite account; returns a fresh container name."""
+    for var in ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite_connection)
+    return f"bk-{uuid.uuid4().hex[:12]}"
+
+
+OBJECT_STORES = {"s3": ("s3", "s3_env"), "gcs": ("gs", "gcs_env"), "azure": ("az", "azure_env")}
+"""backend -> (URL scheme, the fixture that sets its variables and names a fresh bucket)."""
+
+
+@pytest.fixture(params=sorted(OBJECT_STORES))
+def bucket(request) -> str:
+    """`<scheme>://<fresh bucket>` on each object store in turn (not created yet)."""
+    scheme, fixture = OBJECT_STORES[request.param]
+    return f"{scheme}://{request.getfixturevalue(fixture)}"
+
+
+def stored_secrets() -> list[str]:
+    """Every credential value the stores' variables hold in this test."""
+    return [v for b in storage.BACKENDS.values() for opt, v in storage._env_values(b).items()
+            if opt in b.secret or opt == "connection_string"]
+
+
+def assert_no_secret_in_objects(url: str) -> None:
+    """Read back every object under `url` and search its bytes for every credential value."""
+    fs, path = storage.resolve(url)
+    fs.invalidate_cache()
+    secrets = [s.encode() for s in stored_secrets()]
+    for name in fs.find(path):
+        body = fs.cat_file(name)
+        assert not any(s in body for s in secrets), name
+
+
 @pytest.fixture
 def dav(tmp_path, monkeypatch):
     """A WebDAV server serving tmp_path/dav; returns that folder (what the server stores)."""
@@ -57,12 +117,6 @@ def dav(tmp_path, monkeypatch):
         for k, v in {"WEBDAV_URL": url, "WEBDAV_USERNAME": DAV_USER, "WEBDAV_PASSWORD": DAV_PASSWORD}.items():
             monkeypatch.setenv(k, v)
         yield served
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -79,9 +133,9 @@ def test_local_and_file_urls_write_atomically_and_read_back(tmp_path):
     assert storage.join(str(tmp_path), "data") == tmp_path / "data"
 
 
-def test_failed_write_keeps_the_old_object_on_every_backend(tmp_path, s3_env, dav):
-    storage.makedirs(f"s3://{s3_env}")
-    for url in (tmp_path / "local" / "r.json", f"s3://{s3_env}/p/r.json", "webdav://p/r.json"):
+def test_failed_write_keeps_the_old_object_on_every_backend(tmp_path, bucket, dav):
+    storage.makedirs(bucket)
+    for url in (tmp_path / "local" / "r.json", f"{bucket}/p/r.json", "webdav://p/r.json"):
         storage.write_json_atomic(url, {"v": 1})
         with pytest.raises(RuntimeError, match="boom"):
             with storage.open_atomic(url) as f:
@@ -115,11 +169,12 @@ def test_unknown_protocol_and_missing_variables_name_what_to_set(monkeypatch):
 # ------------------------------------------------------------------------------------ S3 and WebDAV
 
 
-def test_traces_round_trip_through_s3(s3_env, tmp_path):
-    url = f"s3://{s3_env}/prefix/data/syn"
-    with pytest.raises(storage.StorageError, match=f"bucket or folder '{s3_env}' does not exist"):
+def test_traces_round_trip_through_object_stores(bucket, tmp_path):
+    url = f"{bucket}/prefix/data/syn"
+    name = bucket.split("://", 1)[1]
+    with pytest.raises(storage.StorageError, match=f"bucket or folder '{name}' does not exist"):
         storage.check_store(url)
-    storage.makedirs(f"s3://{s3_env}")
+    storage.makedirs(bucket)
     assert "reachable" in storage.check_store(url)
     t = teacher()
     assert not t.is_complete(url)
@@ -131,6 +186,49 @@ def test_traces_round_trip_through_s3(s3_env, tmp_path):
     assert remote.equals(read_traces(tmp_path, vocab_size=64))
     manifest = storage.read_json(f"{url}/manifest.json")
     assert manifest["rows"] == 40 and [s["file"] for s in manifest["shards"]] == [s.rsplit("/", 1)[1] for s in shards]
+    storage.write_json_atomic(f"{bucket}/prefix/reports/evaluation.json", {"kl": 0.5})
+    assert storage.read_json(f"{bucket}/prefix/reports/evaluation.json") == {"kl": 0.5}
+    fs, path = storage.resolve(bucket)
+    fs.invalidate_cache()
+    assert sorted(o.split("/", 1)[1] for o in fs.find(path)) == sorted(
+        [f"prefix/data/syn/{storage.name_of(s)}" for s in shards]
+        + ["prefix/data/syn/manifest.json", "prefix/reports/evaluation.json"])  # no temporary key left
+    assert_no_secret_in_objects(bucket)
+
+
+@pytest.mark.parametrize("backend", ["gcs", "azure"])
+def test_gcs_and_azure_errors_name_what_to_fix(backend, request, monkeypatch):
+    scheme, fixture = OBJECT_STORES[backend]
+    url = f"{scheme}://{request.getfixturevalue(fixture)}/p"
+    if backend == "gcs":
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/key.json")
+        with pytest.raises(storage.StorageError, match="'gcs'.*GOOGLE_APPLICATION_CREDENTIALS names a file that does not exist"):
+            storage.check_store(url)
+        monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS")
+        with pytest.raises(storage.StorageError, match="'gcs'.*missing environment variable.*GOOGLE_APPLICATION_CREDENTIALS"):
+            storage.check_store(url)
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "anon")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")
+        expect = ["STORAGE_EMULATOR_HOST"]
+    else:
+        conn = os.environ["AZURE_STORAGE_CONNECTION_STRING"]
+        key = conn.split("AccountKey=", 1)[1].split(";", 1)[0]
+        monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING")
+        with pytest.raises(storage.StorageError, match="'azure'.*AZURE_STORAGE_ACCOUNT_NAME or AZURE_STORAGE_CONNECTION_STRING"):
+            storage.check_store(url)
+        wrong = conn.replace(key, "A" * len(key))
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", wrong)
+        with pytest.raises(storage.StorageError) as e:
+            storage.check_store(url)
+        assert "refused the credentials" in str(e.value) and "AZURE_STORAGE_CONNECTION_STRING" in str(e.value)
+        assert key not in str(e.value) and "A" * len(key) not in str(e.value)
+        port = free_port()
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", re.sub(r"127\.0\.0\.1:\d+/", f"127.0.0.1:{port}/", conn))
+        expect = [f"http://127.0.0.1:{port}/"]
+    t0 = time.perf_counter()
+    with pytest.raises(storage.StorageError, match=f"'{backend}'.*no answer within 2 s") as e:
+        storage.check_store(url, timeout_s=2)
+    assert all(x in str(e.value) for x in expect) and time.perf_counter() - t0 < 10
 
 
 def test_traces_and_reports_round_trip_through_webdav(dav, tmp_path):
@@ -183,12 +281,13 @@ BigramTraceSource(vocab_size=64, k=8, num_sequences=40, completion_len=(8, 16), 
 """
 
 
-@pytest.mark.parametrize("backend", ["local", "s3", "webdav"])
+@pytest.mark.parametrize("backend", ["local", "s3", "gcs", "azure", "webdav"])
 def test_writer_killed_mid_shard_leaves_nothing_a_reader_accepts(backend, tmp_path, request):
-    if backend == "s3":
-        bucket = request.getfixturevalue("s3_env")
-        storage.makedirs(f"s3://{bucket}")
-        url = f"s3://{bucket}/traces"
+    if backend in OBJECT_STORES:
+        scheme, fixture = OBJECT_STORES[backend]
+        bucket = f"{scheme}://{request.getfixturevalue(fixture)}"
+        storage.makedirs(bucket)
+        url = f"{bucket}/traces"
     elif backend == "webdav":
         request.getfixturevalue("dav")
         url = "webdav://traces"
@@ -206,7 +305,7 @@ def test_writer_killed_mid_shard_leaves_nothing_a_reader_accepts(backend, tmp_pa
     visible = [storage.name_of(s) for s in list_shards(url)]
     assert visible == [f"kd-{t.trace_set_id}-00000.parquet"]  # shard 1 never got its name
     assert read_traces(list_shards(url), vocab_size=64).num_rows == 16  # what is visible is whole
-    if backend == "local":  # s3fs and webdav4 buffer a small upload until close: nothing reached the server
+    if backend == "local":  # the object stores' and webdav4's clients buffer a small upload until close
         fs, path = storage.resolve(url)
         fs.invalidate_cache(path)
         names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
