@@ -13,7 +13,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from bitnet_kde import cli, settings, storage
+from bitnet_kde import cli, records, settings, storage
 from bitnet_kde.teachers import check_credentials
 
 log = logging.getLogger("collect")
@@ -34,6 +34,7 @@ def main(cfg: DictConfig) -> None:
         info = storage.read_json(manifest)
         log.info("%s: %d rows in %d shards; failures: %s", manifest, info["rows"], len(info["shards"]),
                  info["failures"] or "none")
+        records.write(cfg, "collect", records.manifest_summary(info), file=manifest)
 
 
 if __name__ == "__main__":

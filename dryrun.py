@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bitnet_kde import cli, settings, storage
+from bitnet_kde import cli, records, settings, storage
 from bitnet_kde.dryrun import print_report, run_dryrun
 
 log = logging.getLogger("dryrun")
@@ -35,6 +35,7 @@ def main(cfg: DictConfig) -> None:
                         plan=OmegaConf.to_container(cfg.plan, resolve=True))
     report["command"] = " ".join(["python dryrun.py", *sys.argv[1:]])
     out = storage.write_json_atomic(cfg.report_path, report)
+    records.write(cfg, "dryrun", report, file=out)
     print_report(report)
     log.info("dry-run report -> %s", out)
 

@@ -11,7 +11,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from bitnet_kde import cli, settings, storage
+from bitnet_kde import cli, records, settings, storage
 from bitnet_kde.eval.evaluate import evaluate
 from bitnet_kde.eval.report import log_tensorboard, plot_quality
 
@@ -24,6 +24,7 @@ def main(cfg: DictConfig) -> float | None:
     storage.setup(cfg, cfg.trace_dir, cfg.report_path, cfg.ckpt_path, exit_on_error=True)
     report = evaluate(cfg)
     out = storage.write_json_atomic(cfg.report_path, report)
+    records.write(cfg, "eval", report, file=out)
     storage.write_bytes_atomic(cfg.chart_path, plot_quality(report))
     log_tensorboard(report, cfg.tensorboard_dir)
     m, q = report["metrics"]["overall"], report["qei"]

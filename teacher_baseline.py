@@ -11,7 +11,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from bitnet_kde import cli, settings, storage
+from bitnet_kde import cli, records, settings, storage
 from bitnet_kde.eval.teacher_baseline import baseline
 from bitnet_kde.teachers import check_credentials
 
@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> None:
     check_credentials(cfg.teacher)
     report = baseline(cfg)
     out = storage.write_json_atomic(cfg.report_path, report)
+    records.write(cfg, "teacher_baseline", report, file=out)
     s = report["summary"]
     log.info("%s: %d answers, %d failures, %.1f tokens/s -> %s", report["teacher"], s["answered"], s["failed"],
              s["tokens_per_second"] or 0.0, out)

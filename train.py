@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bitnet_kde import cli, settings, storage
+from bitnet_kde import cli, records, settings, storage
 from bitnet_kde.training import DistillationModule
 
 log = logging.getLogger("train")
@@ -51,6 +51,7 @@ def train(cfg: DictConfig) -> float | None:
         ckpt = trainer.checkpoint_callback
         log.info("checkpoints: %s (best: %s)", cfg.paths.checkpoint_dir, ckpt.best_model_path if ckpt else None)
         log.info("TensorBoard: tensorboard --logdir %s", cfg.paths.output_dir)
+        records.write_train_summary(cfg, trainer)
     metric = trainer.callback_metrics.get(cfg.optimized_metric)
     return None if metric is None else float(metric)
 

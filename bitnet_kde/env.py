@@ -3,9 +3,10 @@
     python -m bitnet_kde.env [check] [storage=s3 teacher=openai paths.root=...]   # make check_env
     python -m bitnet_kde.env ensure_dirs [storage=... paths.root=...]             # make ensure_dirs
 
-`check` prints versions, devices and precision advice, then, for the selected teacher and
-storage (command line, else TEACHER_PROVIDER / STORAGE from the environment or `.env`), which
-variables are set or missing (values are never printed) and whether the store is reachable.
+`check` prints versions, devices and precision advice, then, for the selected teacher, storage
+and run-record database (command line, else TEACHER_PROVIDER / STORAGE from the environment or
+`.env`), which variables are set or missing (values are never printed) and whether the store
+and the database answer.
 It exits 1 with the list of problems when something is missing. `ensure_dirs` creates the
 data, reports and checkpoint folders on the configured store and the local logs folder.
 """
@@ -16,7 +17,7 @@ import os
 import platform
 from pathlib import Path
 
-from bitnet_kde import cli, storage
+from bitnet_kde import cli, records, storage
 from bitnet_kde.teachers.api import is_local
 
 
@@ -41,11 +42,11 @@ def report() -> list[str]:
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-_GROUPS = ("storage", "paths", "teacher")
+_GROUPS = ("storage", "paths", "teacher", "records")
 
 
 def compose_config(argv: list[str]):
-    """The train config for the storage/paths/teacher overrides in `argv` (others are ignored,
+    """The train config for the storage/paths/teacher/records overrides in `argv` (others are ignored,
     so `make check_env ARGS=...` accepts the same ARGS as the other targets)."""
     from hydra import compose, initialize_config_dir
 
@@ -99,11 +100,36 @@ def storage_lines(cfg) -> tuple[list[str], list[str]]:
     return lines, problems
 
 
+def records_lines(cfg) -> tuple[list[str], list[str]]:
+    """Report lines and problems for the run-record database (`records=`): variables, then a request."""
+    rc = cfg.get("records") or {}
+    if not records.enabled(cfg):
+        return ["records     none (reports are files only)"], []
+    lines, problems = [f"records     {rc.get('backend')}"], []
+    try:
+        store = records.STORES[rc.get("backend")]
+    except KeyError:
+        return lines, [f"records: unknown backend {rc.get('backend')!r}; use one of none, {', '.join(records.STORES)}"]
+    required = set(rc.get("required") if rc.get("required") is not None else store.required)
+    for opt, var in {**store.env, **(rc.get("env") or {})}.items():
+        lines.append(f"  {var:<32} {_mark(var)} ({'required' if opt in required else 'optional'})")
+    problems += [f"records {store.name}: {m} is not set" for m in records.missing_variables(rc)]
+    if problems:
+        lines.append("  reachable                        not checked (variables missing)")
+        return lines, problems
+    try:
+        lines.append(f"  reachable                        yes: {records.check(cfg)}")
+    except records.RecordError as e:
+        lines.append("  reachable                        no")
+        problems.append(str(e))
+    return lines, problems
+
+
 def check(argv: list[str]) -> int:
     lines = report()
     cfg = compose_config(argv)
     problems = []
-    for part in (teacher_lines, storage_lines):
+    for part in (teacher_lines, storage_lines, records_lines):
         more, bad = part(cfg)
         lines += more
         problems += bad

@@ -104,6 +104,7 @@ LAYERS = {  # area -> layer, as in the table of docs/ARCHITECTURE.md
     "teachers": "teachers", "kd": "traces", "data": "training", "training": "training",
     "checkpoint": "formats", "export": "formats",
     "eval": "stages", "dryrun": "stages", "settings": "stages", "cli": "stages", "env": "stages",
+    "records": "stages",
 }
 MAY_IMPORT = {  # layer -> the layers it may import (besides its own)
     "student math": set(),
