@@ -446,3 +446,35 @@ def test_env_example_documents_every_variable_without_values():
         named |= set(re.findall(r"(?:api_key_env|_env): ([A-Z][A-Z0-9_]+)", body))
         named |= set(re.findall(r"^\s+\w+: ([A-Z][A-Z0-9_]{3,})$", body, flags=re.M)) if cfg.parent.name == "storage" else set()
     assert named - documented == set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["gcs", "azure"])
+def test_checkpoints_and_resume_on_gcs_and_azure(backend, request, tmp_path):
+    """train.py with its checkpoints on gs:// or az://, then resumed from the stored checkpoint."""
+    import torch
+
+    scheme, fixture = OBJECT_STORES[backend]
+    bucket = request.getfixturevalue(fixture)
+    root = f"{scheme}://{bucket}/proj"
+    storage.makedirs(root)
+    train = [str(ROOT / "train.py"), f"paths.root={root}", "experiment=smoke", "trainer.val_check_interval=2"]
+
+    def ok(args):
+        proc = run_entry(args, tmp_path, {"OMP_NUM_THREADS": "1"}, timeout=600)
+        assert proc.returncode == 0, f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+    def stored(suffix):
+        fs, path = storage.resolve(f"{scheme}://{bucket}")
+        fs.invalidate_cache()
+        return sorted(o for o in fs.find(path) if o.endswith(suffix))
+
+    ok([*train, "trainer.max_steps=2"])
+    [first] = stored("last.ckpt")
+    assert first.startswith(f"{bucket}/proj/train/runs/") and not list(tmp_path.rglob("*.ckpt"))
+    ok([*train, "trainer.max_steps=4", f"ckpt_path={scheme}://{first}"])
+    [resumed] = [c for c in stored("last.ckpt") if c != first]
+    with storage.open_url(f"{scheme}://{resumed}") as f:
+        assert torch.load(f, map_location="cpu", weights_only=True)["global_step"] == 4  # continued, not restarted
+    assert len(stored("summary.json")) == 2
+    assert_no_secret_in_objects(f"{scheme}://{bucket}")
