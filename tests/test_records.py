@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from bitnet_kde import env, records, storage
 from conftest import ROOT
-from storage_servers import free_port, moto_s3, postgres_binaries, postgres_server
+from storage_servers import free_port, moto_s3, postgres_binaries, postgres_server, unavailable
 
 PG_PASSWORD = f"pg-pass-{uuid.uuid4().hex}"
 AWS_SECRET = f"aws-secret-{uuid.uuid4().hex}"
@@ -81,7 +81,7 @@ def test_records_none_writes_nothing(tmp_path):
 @pytest.fixture(scope="module")
 def pg_url():
     if postgres_binaries()[0] is None:
-        pytest.skip(postgres_binaries()[1])
+        unavailable(postgres_binaries()[1])
     with postgres_server(PG_PASSWORD) as url:
         yield url
 

@@ -19,7 +19,8 @@ from bitnet_kde import storage
 from bitnet_kde.kd import list_shards, read_traces
 from bitnet_kde.kd.synthetic import BigramTraceSource
 from conftest import ROOT
-from storage_servers import S3_KEY_ID, azurite, azurite_binary, free_port, gcs_emulator, moto_s3, webdav_server
+from storage_servers import (S3_KEY_ID, azurite, azurite_binary, free_port, gcs_emulator, moto_s3, unavailable,
+                             webdav_server)
 
 for _package in ("s3fs", "webdav4", "gcsfs", "adlfs"):
     pytest.importorskip(_package)
@@ -67,7 +68,7 @@ def gcs_env(gcs_endpoint, monkeypatch):
 @pytest.fixture(scope="module")
 def azurite_connection(tmp_path_factory):
     if azurite_binary()[0] is None:
-        pytest.skip(azurite_binary()[1])
+        unavailable(azurite_binary()[1])
     with azurite(tmp_path_factory.mktemp("azurite")) as conn:
         yield conn
 
