@@ -471,9 +471,10 @@ def check_store(url: str | os.PathLike, *, timeout_s: float = 10.0) -> str:
             fs.ls("")
     except fsspec.exceptions.FSTimeoutError:
         names = variables(b)
+        settings = names.get("endpoint_url") or ", ".join(names.values())
         raise StorageError(f"storage backend '{b.name}': cannot use {s} at {endpoint}: no answer within "
-                           f"{timeout_s:.0f} s; check {names.get('endpoint_url', 'the endpoint')}, the network "
-                           "and the credentials") from None
+                           f"{timeout_s:.0f} s; check {settings} (the endpoint), the network and the credentials"
+                           ) from None
     except FileNotFoundError as e:
         raise StorageError(f"storage backend '{b.name}' at {endpoint}: bucket or folder {top!r} does not exist "
                            f"({s}); create it (make ensure_dirs) or fix the URL") from None
