@@ -142,16 +142,25 @@ def test_postgres_failure_is_logged_and_the_file_is_kept(fault, pg, tmp_path, mo
     assert json.loads(out.read_text()) == REPORT
 
 
-def test_dryrun_writes_its_report_then_a_postgres_record(pg, tmp_path):
-    """Through the real entry point: the file, then one row whose body equals the file."""
+@pytest.mark.parametrize("server", ["up", "down"])
+def test_dryrun_writes_its_report_then_a_postgres_record(server, pg, tmp_path):
+    """Through the real entry point: the file, then one row whose body equals the file; with the
+    database down, the file, one error line, and a normal exit."""
     table = f"runs_{uuid.uuid4().hex[:8]}"
+    url = pg if server == "up" else pg.rsplit(":", 1)[0] + f":{free_port()}/bitnet"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "dryrun.py"), "model.name=tiny", "device=cpu", "seq_len=16",
          f"paths.root={tmp_path}", "records=postgres", f"records.table={table}"],
-        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RECORDS_POSTGRES_URL": url},
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "reports" / "dryrun_7b.json").read_text())
+    if server == "down":
+        out = proc.stdout + proc.stderr
+        assert "[ERROR] - run record of stage 'dryrun' not written to postgres" in out, out[-3000:]
+        assert f"the report itself is in {tmp_path / 'reports' / 'dryrun_7b.json'}" in out
+        assert_clean(out)
+        return
     rows = pg_rows(pg, table)
     assert len(rows) == 1 and rows[0][1] == "dryrun" and rows[0][4] == report
     assert rows[0][3] == str(tmp_path / "reports" / "dryrun_7b.json")
