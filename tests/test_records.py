@@ -80,6 +80,7 @@ def test_records_none_writes_nothing(tmp_path):
 
 @pytest.fixture(scope="module")
 def pg_url():
+    pytest.importorskip("psycopg")
     if postgres_binaries()[0] is None:
         unavailable(postgres_binaries()[1])
     with postgres_server(PG_PASSWORD) as url:

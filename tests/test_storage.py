@@ -22,8 +22,8 @@ from conftest import ROOT
 from storage_servers import (S3_KEY_ID, azurite, azurite_binary, free_port, gcs_emulator, moto_s3, unavailable,
                              webdav_server)
 
-for _package in ("s3fs", "webdav4", "gcsfs", "adlfs"):
-    pytest.importorskip(_package)
+pytest.importorskip("s3fs")
+pytest.importorskip("webdav4")
 
 S3_SECRET = f"s3-secret-{uuid.uuid4().hex}"
 DAV_USER, DAV_PASSWORD = "alice", f"dav-pass-{uuid.uuid4().hex}"
@@ -52,6 +52,8 @@ def s3_env(s3_endpoint, monkeypatch):
 
 @pytest.fixture(scope="module")
 def gcs_endpoint():
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("gcp_storage_emulator")
     with gcs_emulator() as url:
         yield url
 
@@ -67,6 +69,7 @@ def gcs_env(gcs_endpoint, monkeypatch):
 
 @pytest.fixture(scope="module")
 def azurite_connection(tmp_path_factory):
+    pytest.importorskip("adlfs")
     if azurite_binary()[0] is None:
         unavailable(azurite_binary()[1])
     with azurite(tmp_path_factory.mktemp("azurite")) as conn:

@@ -91,8 +91,8 @@ def test_box_config_file_must_exist(monkeypatch, tmp_path):
 
 def test_dropbox_and_onedrive_urls_resolve_to_the_plugin_with_the_credentials(monkeypatch, tmp_path):
     """Constructing these filesystems makes no request: the URL, class and credentials are checked offline."""
-    from dropboxdrivefs import DropboxDriveFileSystem
-    from msgraphfs import MSGDriveFS
+    DropboxDriveFileSystem = pytest.importorskip("dropboxdrivefs").DropboxDriveFileSystem
+    MSGDriveFS = pytest.importorskip("msgraphfs").MSGDriveFS
 
     values = set_variables("dropbox", monkeypatch, tmp_path)
     fs, path = storage.resolve("dropbox://bitnet-kde/data/kd-1.parquet")
@@ -108,7 +108,7 @@ def test_dropbox_and_onedrive_urls_resolve_to_the_plugin_with_the_credentials(mo
 
 def test_box_url_goes_to_boxfs_with_the_config_file(monkeypatch, tmp_path):
     """boxfs signs in when it is constructed (a request to Box), so only the class and options are checked."""
-    from boxfs import BoxFileSystem
+    BoxFileSystem = pytest.importorskip("boxfs").BoxFileSystem
 
     values = set_variables("box", monkeypatch, tmp_path)
     assert storage.backend_of("box://bitnet-kde").name == "box"
