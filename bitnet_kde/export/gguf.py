@@ -14,8 +14,11 @@ form), not by re-quantizing a dequantized matrix:
 - the tied embedding (llama.cpp's `bitnet` graph always uses it as the output matrix too) in
   F16 or Q8_0; RMSNorm weights in F32; RoPE is the half-split (NEOX) kind llama.cpp's `bitnet`
   architecture applies, which is the student's, so Q and K are written unpermuted;
-- `bitnet.hidden_activation` names the FFN gate activation. llama.cpp reads it for `bitnet`
-  and falls back to SiLU when the key is absent or unknown (see `LLAMA_ACTIVATION`);
+- `bitnet.hidden_activation` names the FFN gate activation, but llama.cpp's `bitnet` graph
+  computes SiLU gates regardless (the build inside llama-cpp-python 0.3.36 ignores the key;
+  upstream reads it but maps no `relu2`). A `relu2` student would run with the wrong
+  activation, so it is refused unless `strict_activation=False`; train a student meant for
+  llama.cpp with `model.ffn_act=swiglu`;
 - the tokenizer's `tokenizer.*` keys are copied from a GGUF that holds the student tokenizer
   (the embedded SmolLM2 GGUF by default); its token count must equal the student's vocabulary.
 
@@ -45,7 +48,10 @@ TQ_BLOCK = 256
 TERNARY_TYPES = ("TQ2_0", "TQ1_0", "F16")
 EMBEDDING_TYPES = ("F16", "Q8_0")
 LLAMA_ACTIVATION = {"relu2": "relu2", "swiglu": "silu"}
-"""Student `ffn_act` -> the `bitnet.hidden_activation` string llama.cpp maps onto its FFN op."""
+"""Student `ffn_act` -> the `bitnet.hidden_activation` value written (transformers' `hidden_act` names)."""
+LLAMA_RUNS = "swiglu"
+"""The gate activation llama.cpp's `bitnet` graph computes: SiLU, whatever `hidden_activation` says
+(measured with the llama.cpp inside llama-cpp-python 0.3.36; upstream maps no `relu2` either)."""
 
 # our module path (inside a block) -> llama.cpp tensor role
 _ROLES = {
@@ -90,13 +96,13 @@ def _tensor_name(role: str, block: int | None = None, leaf: str = "weight") -> s
 
 def export_gguf(model: BitNetLM, out_path: str | os.PathLike, *, tokenizer_gguf: str | os.PathLike | None,
                 ternary_type: str = "TQ2_0", embedding_type: str = "F16", name: str = "bitnet-kde student",
-                hidden_activation: str | None = None) -> dict:
+                strict_activation: bool = True) -> dict:
     """Write `model` as a llama.cpp `bitnet` GGUF at `out_path`; returns a summary.
 
-    `tokenizer_gguf`: a GGUF whose `tokenizer.*` keys describe the student tokenizer (None: no
-    tokenizer, the file then only loads with `vocab_only`-free tools that bring their own).
-    `hidden_activation` overrides the key written for the FFN activation (tests use it to
-    prove that a wrong one is caught); by default it follows the student's `ffn_act`.
+    `tokenizer_gguf`: a GGUF whose `tokenizer.*` keys describe the student tokenizer (None: none
+    is written, and llama.cpp cannot load the file; for tools that bring their own).
+    `strict_activation=False` writes a student whose FFN activation llama.cpp does not compute
+    (tests use it to prove that the parity check catches it).
     """
     import gguf
 
@@ -110,6 +116,10 @@ def export_gguf(model: BitNetLM, out_path: str | os.PathLike, *, tokenizer_gguf:
     if not cfg.tie_embeddings:
         raise ExportError("llama.cpp's bitnet architecture uses the embedding as the output matrix; "
                           "this student has a separate LM head (tie_embeddings=False)")
+    if strict_activation and cfg.ffn_act != LLAMA_RUNS:
+        raise ExportError(f"this student's FFN activation is {cfg.ffn_act!r} but llama.cpp's bitnet architecture "
+                          f"computes SiLU (swiglu) gates; train it with model.ffn_act=swiglu to run it in llama.cpp, "
+                          f"or use the hf or native export")
     check_gguf_shapes(model, ternary_type)
     fields = tokenizer_fields(tokenizer_gguf) if tokenizer_gguf is not None else []
     tokens = next((f for f in fields if f.name == "tokenizer.ggml.tokens"), None)
@@ -127,7 +137,7 @@ def export_gguf(model: BitNetLM, out_path: str | os.PathLike, *, tokenizer_gguf:
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
-        _write_metadata(writer, cfg, name, hidden_activation or LLAMA_ACTIVATION[cfg.ffn_act], ternary_type)
+        _write_metadata(writer, cfg, name, LLAMA_ACTIVATION[cfg.ffn_act], ternary_type)
         for f in fields:
             value = f.contents()
             writer.add_key_value(f.name, value, f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
