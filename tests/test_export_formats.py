@@ -175,19 +175,19 @@ def texts(split: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(student, tokenizer, held-out token ids): 40 AdamW steps on the train split's prompts."""
+    """(student, tokenizer, held-out token ids): 30 AdamW steps on the train split's prompts."""
     from bitnet_kde.tokenizer import load_student_tokenizer
 
     tok = load_student_tokenizer("smollm2")
     torch.manual_seed(0)
     model = BitNetLM(BitNetConfig(vocab_size=len(tok), **SMALL))
-    seqs = [tok(t)["input_ids"][:32] for t in texts("train")]
+    seqs = [tok(t)["input_ids"][:24] for t in texts("train")]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        batch = [seqs[int(i)] for i in torch.randint(0, len(seqs), (16,), generator=g)]
-        ids = torch.full((16, 32), tok.eos_token_id)
-        mask = torch.zeros(16, 32, dtype=torch.bool)
+    for _ in range(30):
+        batch = [seqs[int(i)] for i in torch.randint(0, len(seqs), (8,), generator=g)]
+        ids = torch.full((8, 24), tok.eos_token_id)
+        mask = torch.zeros(8, 24, dtype=torch.bool)
         for row, s in enumerate(batch):
             ids[row, :len(s)], mask[row, :len(s)] = torch.tensor(s), True
         logits = model(ids[:, :-1])
@@ -265,3 +265,39 @@ def test_gguf_parity_catches_a_wrong_activation(trained, tmp_path):
     print(f"GGUF with the wrong activation: top-1 agreement {top1:.4f}, relative logit difference "
           f"median {median:.2e}, max {worst:.2e}")
     assert top1 < 0.98
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_llamacpp_runtime_decodes_as_the_student_does(trained, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from omegaconf import OmegaConf
+
+    from bitnet_kde.eval.runtime import LlamaCppDecoder, llamacpp_speed
+    from bitnet_kde.tokenizer import smollm2_gguf
+
+    model, _, held_out = trained
+    export_gguf(model, tmp_path / "s.gguf", tokenizer_gguf=Path(*smollm2_gguf()))
+    decoder = LlamaCppDecoder(tmp_path / "s.gguf", n_threads=2)
+    packed = packed_copy(model)
+    same_first = []
+    for ids in held_out:
+        out = decoder.generate(ids[0].tolist(), 5)
+        assert len(out) == 5  # exactly the asked count: no stop at the end token
+        same_first.append(out[0] == int(packed.generate(ids, 1)[0, 0]))
+    decoder.close()
+    assert sum(same_first) >= len(same_first) - 1, same_first  # top-1 agreement is >= 0.98 per position
+    runtime = OmegaConf.create({"name": "llamacpp", "gguf_path": str(tmp_path / "s.gguf"),
+                                "teacher_gguf": "smollm2", "n_threads": 2})
+    speed = llamacpp_speed(runtime, [ids[0].tolist() for ids in held_out[:2]], 4)
+    assert speed["student"]["tokens"] == speed["teacher"]["tokens"] == 8
+    assert 0 < speed["student"]["weight_bytes"] < speed["teacher"]["weight_bytes"]
+
+
+def test_llamacpp_runtime_needs_a_gguf():
+    from omegaconf import OmegaConf
+
+    from bitnet_kde.eval.runtime import llamacpp_speed
+
+    with pytest.raises(ValueError, match="runtime.gguf_path"):
+        llamacpp_speed(OmegaConf.create({"name": "llamacpp", "gguf_path": None}), [[1, 2]], 4)

@@ -1,0 +1,123 @@
+"""Batch-1 greedy decoding speed: the student in PyTorch and in llama.cpp, and the teacher in llama.cpp.
+
+One run, the same prompts (the shipped prompt set's test split in the student's chat format)
+and the same number of new tokens for every runtime (no stop at the end token):
+
+- student, PyTorch packed path: `BitNetLM.generate` on the packed model, as stored (codes
+  unpacked at every step) and as eval runs it (unpacked once, fp32 matmuls);
+- student GGUF, TQ2_0 and TQ1_0, in llama.cpp (llama-cpp-python);
+- teacher GGUF (the embedded SmolLM2-135M, Q4_1) in llama.cpp.
+
+    python scripts/bench_decode.py                       # mini preset, swiglu, random weights
+    python scripts/bench_decode.py --ckpt logs/train/runs/<run>/checkpoints/last.ckpt
+    python scripts/bench_decode.py --prompts 3 --new-tokens 32 --json reports/bench_decode.json
+
+Decoding speed does not depend on the weights' values, so without `--ckpt` a freshly
+initialised `mini` student (with `ffn_act=swiglu`, the activation llama.cpp's bitnet graph
+computes) stands in for a trained one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bitnet_kde.checkpoint import load_student
+from bitnet_kde.eval.runtime import LlamaCppDecoder, timed_decode
+from bitnet_kde.export.gguf import export_gguf
+from bitnet_kde.model import BitNetConfig, BitNetLM, PackedBitLinear
+from bitnet_kde.model.packed import packed_copy
+from bitnet_kde.runinfo import describe, run_info
+from bitnet_kde.tokenizer import chat_ids, load_student_tokenizer, smollm2_gguf
+
+PROMPT_SET = Path(__file__).resolve().parents[1] / "bitnet_kde" / "kd" / "prompt_sets" / "default.jsonl"
+
+
+def held_out_prompts(tokenizer, n: int) -> list[list[int]]:
+    rows = [json.loads(line) for line in PROMPT_SET.read_text().splitlines()]
+    return [chat_ids(tokenizer, r["prompt"]) for r in rows if r["split"] == "test"][:n]
+
+
+def torch_decoder(model: BitNetLM):
+    def decode(prompt: list[int], n_new: int) -> list[int]:
+        return model.generate(torch.tensor([prompt]), n_new)[0].tolist()
+    return decode
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", default=None, help="a training checkpoint or export (default: a fresh mini student)")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="threads for PyTorch and llama.cpp alike")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    tokenizer = load_student_tokenizer("smollm2")
+    if args.ckpt:
+        student = load_student(args.ckpt)
+    else:
+        torch.manual_seed(0)
+        student = BitNetLM(BitNetConfig.from_name("mini", vocab_size=len(tokenizer), ffn_act="swiglu")).eval()
+    prompts = held_out_prompts(tokenizer, args.prompts)
+    n_new = args.new_tokens
+    rows: list[dict] = []
+
+    packed = packed_copy(student)
+    rows.append({"runtime": "PyTorch, packed (codes unpacked every step)",
+                 **timed_decode(torch_decoder(packed), prompts, n_new), "weight_bytes": packed.weight_bytes()["total"]})
+    for m in packed.modules():
+        if isinstance(m, PackedBitLinear):
+            m.cache_unpacked = True
+    unpacked_bytes = packed.weight_bytes()["other"] + sum(4 * m.in_features * m.out_features
+                                                          for m in packed.bitlinears())
+    rows.append({"runtime": "PyTorch, packed, unpacked once (eval's form)",
+                 **timed_decode(torch_decoder(packed), prompts, n_new), "weight_bytes": unpacked_bytes})
+    del packed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ggufs = []
+        for qtype in ("TQ2_0", "TQ1_0"):
+            path = Path(tmp) / f"student-{qtype}.gguf"
+            export_gguf(student, path, tokenizer_gguf=Path(*smollm2_gguf()), ternary_type=qtype,
+                        strict_activation=False)  # speed only: a relu2 checkpoint decodes as fast
+            ggufs.append((f"llama.cpp, student GGUF {qtype}", path))
+        ggufs.append(("llama.cpp, teacher GGUF (SmolLM2-135M Q4_1)", Path(*smollm2_gguf())))
+        for name, path in ggufs:
+            decoder = LlamaCppDecoder(path, n_threads=args.threads)
+            try:
+                rows.append({"runtime": name, **timed_decode(decoder.generate, prompts, n_new),
+                             "weight_bytes": decoder.weight_bytes, "file_bytes": os.path.getsize(path)})
+            finally:
+                decoder.close()
+
+    base = rows[0]["tokens_per_s"]
+    eval_form = rows[1]["tokens_per_s"]
+    teacher = rows[-1]["tokens_per_s"]
+    info = run_info()
+    print(f"decode, batch 1, greedy: {len(prompts)} prompts x {n_new} new tokens; {describe(info['machine'])}; "
+          f"{args.threads} threads; student {student.cfg.d_model}d x {student.cfg.n_layers} layers, "
+          f"vocab {student.cfg.vocab_size}, A{student.activation_bits}")
+    print()
+    print("| runtime | tokens/s | x PyTorch packed | x PyTorch unpacked once | x teacher (llama.cpp) | weight MiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['runtime']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f} | "
+              f"{r['tokens_per_s'] / eval_form:.2f} | {r['tokens_per_s'] / teacher:.2f} | "
+              f"{r['weight_bytes'] / 2**20:.1f} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**info, "prompts": len(prompts), "new_tokens": n_new,
+                                               "threads": args.threads, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
