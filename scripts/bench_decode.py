@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt", default=None, help="a training checkpoint or export (default: a fresh mini student)")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved measurements per runtime (median reported)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="threads for PyTorch and llama.cpp alike")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
@@ -68,20 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         student = BitNetLM(BitNetConfig.from_name("mini", vocab_size=len(tokenizer), ffn_act="swiglu")).eval()
     prompts = held_out_prompts(tokenizer, args.prompts)
     n_new = args.new_tokens
-    rows: list[dict] = []
 
     packed = packed_copy(student)
-    rows.append({"runtime": "PyTorch, packed (codes unpacked every step)",
-                 **timed_decode(torch_decoder(packed), prompts, n_new), "weight_bytes": packed.weight_bytes()["total"]})
-    for m in packed.modules():
+    eval_form = packed_copy(student)
+    for m in eval_form.modules():
         if isinstance(m, PackedBitLinear):
             m.cache_unpacked = True
     unpacked_bytes = packed.weight_bytes()["other"] + sum(4 * m.in_features * m.out_features
                                                           for m in packed.bitlinears())
-    rows.append({"runtime": "PyTorch, packed, unpacked once (eval's form)",
-                 **timed_decode(torch_decoder(packed), prompts, n_new), "weight_bytes": unpacked_bytes})
-    del packed
-
+    runtimes = [("PyTorch, packed (codes unpacked every step)", torch_decoder(packed), packed.weight_bytes()["total"]),
+                ("PyTorch, packed, unpacked once (eval's form)", torch_decoder(eval_form), unpacked_bytes)]
+    decoders = []
     with tempfile.TemporaryDirectory() as tmp:
         ggufs = []
         for qtype in ("TQ2_0", "TQ1_0"):
@@ -91,26 +90,41 @@ def main(argv: list[str] | None = None) -> int:
             ggufs.append((f"llama.cpp, student GGUF {qtype}", path))
         ggufs.append(("llama.cpp, teacher GGUF (SmolLM2-135M Q4_1)", Path(*smollm2_gguf())))
         for name, path in ggufs:
-            decoder = LlamaCppDecoder(path, n_threads=args.threads)
-            try:
-                rows.append({"runtime": name, **timed_decode(decoder.generate, prompts, n_new),
-                             "weight_bytes": decoder.weight_bytes, "file_bytes": os.path.getsize(path)})
-            finally:
-                decoder.close()
+            decoders.append(LlamaCppDecoder(path, n_threads=args.threads))
+            runtimes.append((name, decoders[-1].generate, decoders[-1].weight_bytes))
+        # Rounds interleave the runtimes (order reversed every other round) so that load from
+        # other processes on a shared machine hits all of them; the median round is reported.
+        samples: dict[str, list[dict]] = {name: [] for name, _, _ in runtimes}
+        for r in range(args.rounds):
+            for name, decode, _ in (runtimes if r % 2 == 0 else runtimes[::-1]):
+                samples[name].append(timed_decode(decode, prompts, n_new))
+        for d in decoders:
+            d.close()
+    # ratios are taken within a round (runtimes measured back to back), then the median over rounds
+    base, eval_name, teacher = runtimes[0][0], runtimes[1][0], runtimes[-1][0]
 
-    base = rows[0]["tokens_per_s"]
-    eval_form = rows[1]["tokens_per_s"]
-    teacher = rows[-1]["tokens_per_s"]
+    def ratio(name: str, ref: str) -> float:
+        return statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(samples[name], samples[ref]))
+
+    rows = []
+    for name, _, weight_bytes in runtimes:
+        rows.append({"runtime": name, "tokens_per_s": statistics.median(x["tokens_per_s"] for x in samples[name]),
+                     "tokens_per_s_rounds": [round(x["tokens_per_s"], 2) for x in samples[name]],
+                     "tokens": samples[name][0]["tokens"], "weight_bytes": weight_bytes,
+                     "x_pytorch_packed": ratio(name, base), "x_pytorch_eval_form": ratio(name, eval_name),
+                     "x_teacher_llamacpp": ratio(name, teacher)})
     info = run_info()
-    print(f"decode, batch 1, greedy: {len(prompts)} prompts x {n_new} new tokens; {describe(info['machine'])}; "
-          f"{args.threads} threads; student {student.cfg.d_model}d x {student.cfg.n_layers} layers, "
-          f"vocab {student.cfg.vocab_size}, A{student.activation_bits}")
+    print(f"decode, batch 1, greedy: {len(prompts)} prompts x {n_new} new tokens, median of {args.rounds} rounds; "
+          f"{describe(info['machine'])}; {args.threads} threads; student {student.cfg.d_model}d x "
+          f"{student.cfg.n_layers} layers, vocab {student.cfg.vocab_size}, A{student.activation_bits}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print()
-    print("| runtime | tokens/s | x PyTorch packed | x PyTorch unpacked once | x teacher (llama.cpp) | weight MiB |")
-    print("|---|---|---|---|---|---|")
+    print("| runtime | tokens/s (median) | per round | x PyTorch packed | x PyTorch unpacked once | "
+          "x teacher (llama.cpp) | weight MiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['runtime']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f} | "
-              f"{r['tokens_per_s'] / eval_form:.2f} | {r['tokens_per_s'] / teacher:.2f} | "
+        print(f"| {r['runtime']} | {r['tokens_per_s']:.1f} | {', '.join(f'{v:.1f}' for v in r['tokens_per_s_rounds'])} | "
+              f"{r['x_pytorch_packed']:.2f} | {r['x_pytorch_eval_form']:.2f} | {r['x_teacher_llamacpp']:.2f} | "
               f"{r['weight_bytes'] / 2**20:.1f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
