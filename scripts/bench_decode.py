@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     # ratios are taken within a round (runtimes measured back to back), then the median over rounds
     base, eval_name, teacher = runtimes[0][0], runtimes[1][0], runtimes[-1][0]
 
-    def ratio(name: str, ref: str) -> float:
-        return statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(samples[name], samples[ref]))
+    def ratio(name: str, ref: str, key: str = "tokens_per_s") -> float:
+        return statistics.median(a[key] / b[key] for a, b in zip(samples[name], samples[ref], strict=True))
 
     rows = []
     for name, _, weight_bytes in runtimes:
@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                      "tokens_per_s_rounds": [round(x["tokens_per_s"], 2) for x in samples[name]],
                      "tokens": samples[name][0]["tokens"], "weight_bytes": weight_bytes,
                      "x_pytorch_packed": ratio(name, base), "x_pytorch_eval_form": ratio(name, eval_name),
-                     "x_teacher_llamacpp": ratio(name, teacher)})
+                     "x_teacher_llamacpp": ratio(name, teacher),
+                     "tokens_per_cpu_s": statistics.median(x["tokens_per_cpu_s"] for x in samples[name]),
+                     "cpu_x_pytorch_packed": ratio(name, base, "tokens_per_cpu_s"),
+                     "cpu_x_teacher_llamacpp": ratio(name, teacher, "tokens_per_cpu_s")})
     info = run_info()
     print(f"decode, batch 1, greedy: {len(prompts)} prompts x {n_new} new tokens, median of {args.rounds} rounds; "
           f"{describe(info['machine'])}; {args.threads} threads; student {student.cfg.d_model}d x "
@@ -120,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.1f}")
     print()
     print("| runtime | tokens/s (median) | per round | x PyTorch packed | x PyTorch unpacked once | "
-          "x teacher (llama.cpp) | weight MiB |")
-    print("|---|---|---|---|---|---|---|")
+          "x teacher (llama.cpp) | tokens per CPU-s | x PyTorch packed (CPU) | x teacher (CPU) | weight MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['runtime']} | {r['tokens_per_s']:.1f} | {', '.join(f'{v:.1f}' for v in r['tokens_per_s_rounds'])} | "
               f"{r['x_pytorch_packed']:.2f} | {r['x_pytorch_eval_form']:.2f} | {r['x_teacher_llamacpp']:.2f} | "
+              f"{r['tokens_per_cpu_s']:.1f} | {r['cpu_x_pytorch_packed']:.2f} | {r['cpu_x_teacher_llamacpp']:.2f} | "
               f"{r['weight_bytes'] / 2**20:.1f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
