@@ -85,6 +85,19 @@ def test_hf_packing_matches_transformers_pack_weights():
     assert torch.equal(pack_rows(codes), pack_weights(codes.clone()))
 
 
+def test_hf_model_card_carries_the_run_and_eval_figures(tmp_path):
+    report = {"teacher": {"name": "local/SmolLM2-135M-Instruct"}, "data": {"trace_set": "abc123", "rows": 42},
+              "metrics": {"overall": {"kl": 0.8125, "top1_agreement": 0.5}}, "qei": {"qei": 1.25}}
+    a4 = small_student()
+    a4.set_activation_bits(4)
+    export_hf(a4, tmp_path / "hf", source="last.ckpt", training={"global_step": 200}, eval_report=report)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    for text in ("`last.ckpt`", "optimizer steps: 200", "activation mode: A4", "A4 caveat",
+                 "`local/SmolLM2-135M-Instruct`", "trace set `abc123`", "| kl | 0.8125 |", "| qei | 1.25 |"):
+        assert text in card, text
+
+
 def test_hf_folder_config_and_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -95,7 +108,6 @@ def test_hf_folder_config_and_logits(tmp_path):
     assert config["quantization_config"]["quant_method"] == "bitnet"
     assert config["hidden_act"] == "relu2" and config["tie_word_embeddings"] is True
     assert config["rope_parameters"]["rope_theta"] == model.cfg.rope_theta
-    assert (tmp_path / "hf" / "README.md").read_text().startswith("---\n")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert type(hf).__name__ == "BitNetForCausalLM"
     ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -301,3 +313,14 @@ def test_llamacpp_runtime_needs_a_gguf():
 
     with pytest.raises(ValueError, match="runtime.gguf_path"):
         llamacpp_speed(OmegaConf.create({"name": "llamacpp", "gguf_path": None}), [[1, 2]], 4)
+
+
+def test_eval_config_selects_the_runtime():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        default = compose("eval")
+        llama = compose("eval", overrides=["runtime=llamacpp", "runtime.gguf_path=exports/mini.gguf"])
+    assert default.runtime.name == "torch"
+    assert llama.runtime.name == "llamacpp" and llama.runtime.teacher_gguf == "smollm2"
+    assert llama.runtime.gguf_path == "exports/mini.gguf"

@@ -105,6 +105,7 @@ def hf_config(model: BitNetLM, tokenizer=None) -> dict:
         linear_class="bitlinear", quantization_mode="offline", modules_to_not_convert=["lm_head"]).to_dict()
     out = config.to_dict()
     out["dtype"] = "float32"
+    out["rope_theta"] = cfg.rope_theta  # where transformers 4.x reads it (5.x reads rope_parameters)
     return out
 
 
@@ -126,10 +127,11 @@ def model_card(cfg, *, source: str | None, training: dict | None, eval_report: d
     ]
     teacher = (eval_report or {}).get("teacher") or {}
     data = (eval_report or {}).get("data") or {}
-    if teacher:
-        lines.append(f"- teacher: {teacher.get('name') or teacher.get('model') or teacher}")
-    if data:
-        lines.append(f"- evaluation traces: {data.get('trace_set_id', data)}")
+    if teacher.get("name"):
+        lines.append(f"- teacher: `{teacher['name']}`")
+    if data.get("trace_set"):
+        lines.append(f"- evaluated on the teacher's greedy traces of {data.get('rows')} held-out prompts "
+                     f"(trace set `{data['trace_set']}`)")
     if cfg.activation_bits == 4:
         lines += ["", f"**A4 caveat.** {A4_NOTE}"]
     lines += ["", "## Use", "", "```python", "from transformers import pipeline", "",
