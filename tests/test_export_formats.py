@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from bitnet_kde.export import process_umask
 from bitnet_kde.export.gguf import ExportError, export_gguf
 from bitnet_kde.export.hf import export_hf, pack_rows
 from bitnet_kde.export.native import export_packed
@@ -103,6 +104,7 @@ def test_hf_folder_config_and_logits(tmp_path):
 
     model = small_student(ffn_act="relu2")
     export_hf(model, tmp_path / "hf")
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~process_umask()  # not mkdtemp's 0700
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "bitnet" and config["architectures"] == ["BitNetForCausalLM"]
     assert config["quantization_config"]["quant_method"] == "bitnet"
@@ -121,6 +123,7 @@ def test_gguf_holds_the_students_codes_and_scales(tmp_path, qtype):
 
     model = small_student()
     export_gguf(model, tmp_path / "s.gguf", tokenizer_gguf=None, ternary_type=qtype)
+    assert (tmp_path / "s.gguf").stat().st_mode & 0o777 == 0o666 & ~process_umask()  # not mkstemp's 0600
     reader = gguf.GGUFReader(str(tmp_path / "s.gguf"))
     tensors = {t.name: t for t in reader.tensors}
     assert reader.fields["general.architecture"].contents() == "bitnet"

@@ -36,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from bitnet_kde.export import process_umask
 from bitnet_kde.model import BitNetLM, PackedBitLinear
 from bitnet_kde.model.packed import packed_copy
 from bitnet_kde.quant import unpack_ternary
@@ -146,6 +147,7 @@ def export_gguf(model: BitNetLM, out_path: str | os.PathLike, *, tokenizer_gguf:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp creates it owner-only
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

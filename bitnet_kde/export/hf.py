@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from bitnet_kde.export import process_umask
 from bitnet_kde.model import BitNetLM, PackedBitLinear
 from bitnet_kde.model.packed import packed_copy
 from bitnet_kde.quant import unpack_ternary
@@ -183,6 +184,7 @@ def export_hf(model: BitNetLM, out_dir: str | os.PathLike, tokenizer=None, *, so
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(model_card(cfg, source=source, training=training, eval_report=eval_report))
+        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp creates it owner-only
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
