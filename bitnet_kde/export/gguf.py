@@ -36,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from bitnet_kde.export import process_umask
 from bitnet_kde.model import BitNetLM, PackedBitLinear
 from bitnet_kde.model.packed import packed_copy

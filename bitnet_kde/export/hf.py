@@ -117,10 +117,10 @@ def model_card(cfg, *, source: str | None, training: dict | None, eval_report: d
         "---", "library_name: transformers", "pipeline_tag: text-generation",
         "tags: [bitnet, ternary, knowledge-distillation, bitnet-kde]", "---", "",
         "# BitNet b1.58 student (bitnet-kde)", "",
-        f"A {cfg.n_layers}-layer BitNet b1.58 student (d_model {cfg.d_model}, {cfg.n_heads}/{cfg.n_kv_heads} heads, "
-        f"FFN {cfg.ffn_dim} with `{cfg.ffn_act}`, vocabulary {cfg.vocab_size}) distilled from a teacher's Top-K "
-        "traces with bitnet-kde. Quantized linear layers hold ternary weights {-1, 0, 1} with one absmean "
-        "scale each; activations are quantized per token.", "",
+        (f"A {cfg.n_layers}-layer BitNet b1.58 student (d_model {cfg.d_model}, {cfg.n_heads}/{cfg.n_kv_heads} "
+         f"heads, FFN {cfg.ffn_dim} with `{cfg.ffn_act}`, vocabulary {cfg.vocab_size}) distilled from a teacher's "
+         "Top-K traces with bitnet-kde. Quantized linear layers hold ternary weights {-1, 0, 1} with one absmean "
+         "scale each; activations are quantized per token."), "",
         "## Training", "",
         f"- source checkpoint: `{source or 'unknown'}`",
         f"- optimizer steps: {training.get('global_step', 'unknown')}",
