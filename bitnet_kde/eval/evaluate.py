@@ -40,6 +40,7 @@ from bitnet_kde.eval.metrics import (
     qei,
     token_sums,
 )
+from bitnet_kde.eval.runtime import llamacpp_speed
 from bitnet_kde.kd.collect import TraceCollector
 from bitnet_kde.kd.traces import check_run_match, read_traces, table_metadata
 from bitnet_kde.model import BitNetLM, PackedBitLinear
@@ -77,8 +78,12 @@ def evaluate(cfg: DictConfig) -> dict:
     student_speed = measure_student_speed(packed, data, speed_rows, n_new)
     teacher_info, teacher_speed = teacher_figures(cfg, data, speed_rows, n_new)
     student_bytes = packed.weight_bytes()
-    index = qei_section(cfg, per_category["overall"], student_bytes["total"], teacher_info["weight_bytes"],
-                        student_speed["tokens_per_s"], teacher_speed["tokens_per_s"])
+    # runtime=llamacpp: the GGUFs' llama.cpp figures beside the PyTorch ones, and QEI_speed from them
+    llamacpp = llamacpp_speed(cfg.runtime, [_prompt_ids(data.ds, i)[0].tolist() for i in speed_rows],
+                              n_new) if cfg.runtime.name == "llamacpp" else {}
+    qei_tps = (llamacpp.get("student", student_speed)["tokens_per_s"],
+               llamacpp.get("teacher", teacher_speed)["tokens_per_s"])
+    index = qei_section(cfg, per_category["overall"], student_bytes["total"], teacher_info["weight_bytes"], *qei_tps)
     info = run_info()
     return {
         "created_at": info["created_at"],
@@ -91,7 +96,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "metrics": {"overall": per_category["overall"],
                     "per_category": {c: m for c, m in sorted(per_category.items()) if c != "overall"}},
         "speed": {"prompts": len(speed_rows), "new_tokens_per_prompt": n_new, "batch_size": 1,
-                  "student": student_speed, "teacher": teacher_speed},
+                  "student": student_speed, "teacher": teacher_speed, "runtime": cfg.runtime.name,
+                  **({"llamacpp": llamacpp} if llamacpp else {})},
         "memory": {"student_weight_bytes": student_bytes, "teacher_weight_bytes": teacher_info["weight_bytes"]},
         "qei": index,
         "answers": answers[: int(cfg.report_answers)],
