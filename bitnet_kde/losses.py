@@ -5,20 +5,24 @@ the teacher's `topk_*[:, t]`. A position takes part only where its mask is True;
 positions contribute exactly zero to the value and the gradient, whatever numbers (even
 NaN or -inf) the padded teacher tensors hold there.
 
-Memory: the only [B, T, V] tensor needed is the logits themselves. Per position we keep
-`logsumexp(z)` and a few gathered values; `chunk_size` processes positions in chunks under
+Memory: given logits, the only [B, T, V] tensor needed is the logits themselves. Per position
+we keep `logsumexp(z)` and a few gathered values; `chunk_size` processes positions in chunks under
 activation checkpointing so even the transient softmax of the backward pass is O(chunk x V).
+Given the hidden states and the LM head instead (`ProjectedLogits`, `fused_distillation_loss`),
+no [B, T, V] tensor exists at all: each chunk is projected, reduced and differentiated in turn.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["kd_per_position", "kd_topk_other_loss", "DistillationLoss", "LossConfig", "fused_distillation_loss"]
+__all__ = ["kd_per_position", "kd_topk_other_loss", "DistillationLoss", "LossConfig", "ProjectedLogits",
+           "fused_distillation_loss"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -152,6 +156,16 @@ class LossConfig:
     """Positions per chunk (bounds peak memory at O(chunk x V)); None = all at once."""
 
 
+class ProjectedLogits(NamedTuple):
+    """Logits `hidden @ head_weight.T` in factored form: `DistillationLoss` then projects a chunk of
+    positions at a time (`fused_distillation_loss`) instead of reading a [B, T, V] tensor."""
+
+    hidden: torch.Tensor
+    """Final normed hidden states [B, T, d]."""
+    head_weight: torch.Tensor
+    """LM head weight [V, d]."""
+
+
 class DistillationLoss(torch.nn.Module):
     """`total = w_kd * KD + w_ce * CE + w_fmt * format`, computed from one pass over the logits.
 
@@ -218,7 +232,10 @@ class DistillationLoss(torch.nn.Module):
     def kd_weight(self) -> float:
         return 0.0 if self.cfg.ce_only else self.cfg.kd_weight
 
-    def forward(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, logits: torch.Tensor | ProjectedLogits, batch: dict) -> dict[str, torch.Tensor]:
+        """The loss of `logits` [B, T, V], or of `ProjectedLogits` computed without materializing them."""
+        if isinstance(logits, ProjectedLogits):
+            return self._fused(logits.hidden, logits.head_weight, batch)
         sel = self._rows(batch)
         rows = sel["rows"]
         flat = logits.flatten(0, 1)
@@ -237,6 +254,17 @@ class DistillationLoss(torch.nn.Module):
             ce = kd = agree = logits.new_zeros(0, dtype=_compute_dtype(logits.dtype))
         zero = logits.sum() * 0.0                                   # keeps the graph when all masks are empty
         return self._summary(ce, kd, agree, sel, zero)
+
+    def _fused(self, hidden, head_weight, batch: dict) -> dict[str, torch.Tensor]:
+        sel = self._rows(batch)
+        h = hidden.flatten(0, 1)[sel["rows"]]
+        a_ce, a_kd = self.row_weights(sel, _compute_dtype(hidden.dtype))
+        need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
+        loss, ce, kd, agree = _FusedHeadLoss.apply(h, head_weight, self, sel, a_ce, a_kd, need_grad)
+        # The function's outputs depend on both inputs even with no row, so no zero term is needed.
+        out = self._summary(ce, kd, agree, sel, 0.0)
+        out["loss"] = loss
+        return out
 
     def row_weights(self, sel: dict, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """d loss / d ce_row and d loss / d kd_row: the total loss is linear in the per-row terms."""
@@ -327,13 +355,4 @@ def fused_distillation_loss(hidden: torch.Tensor, head_weight: torch.Tensor, bat
     gradients (for `hidden` and `head_weight`) as the unfused loss; the gradient of `loss` is
     computed during the forward pass (see `_FusedHeadLoss`).
     """
-    loss_fn = DistillationLoss(cfg)
-    sel = loss_fn._rows(batch)
-    h = hidden.flatten(0, 1)[sel["rows"]]
-    a_ce, a_kd = loss_fn.row_weights(sel, _compute_dtype(hidden.dtype))
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
-    loss, ce, kd, agree = _FusedHeadLoss.apply(h, head_weight, loss_fn, sel, a_ce, a_kd, need_grad)
-    # The function's outputs depend on both inputs even with no row, so no zero term is needed.
-    out = loss_fn._summary(ce, kd, agree, sel, 0.0)
-    out["loss"] = loss
-    return out
+    return DistillationLoss(cfg)(ProjectedLogits(hidden, head_weight), batch)
