@@ -40,8 +40,8 @@ from torch import nn
 
 from bitnet_kde.quant import (
     fake_quant_activations,
-    fake_quant_weight,
     pack_ternary,
+    ternary_linear,
     ternary_weight,
     unpack_ternary,
 )
@@ -178,8 +178,8 @@ class BitLinear(nn.Linear):
         if not self.quantize:
             return F.linear(x, self.weight)
         xq = x if input_quantized else self.quantize_input(x)
-        wq = fake_quant_weight(self.weight, self.quant_lambda)
-        return F.linear(xq, wq.to(xq.dtype))
+        # Keeps the latent weight for backward, not a dequantized copy (quant.ternary_linear).
+        return ternary_linear(xq, self.weight, self.quant_lambda)
 
     @torch.no_grad()
     def ternary_stats(self) -> dict[str, float]:
