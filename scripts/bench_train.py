@@ -6,8 +6,12 @@ interleaved in alternating order (quantized, dense, dense, quantized, ...) so dr
 matmul peak is measured in the same run and gives MFU = achieved FLOP/s / peak FLOP/s,
 with FLOPs per token counted on the meta device.
 
+The loss is the training step's: `DistillationLoss` on `ProjectedLogits` (the fused head +
+loss, no [B, T, V] logits).
+
     python scripts/bench_train.py                  # mini, batch 8 x 256, vocab 49152
     python scripts/bench_train.py --model tiny --vocab 512 --rounds 2
+    python scripts/bench_train.py --memory         # 7b widths, 2 blocks: activation memory, predicted vs measured
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import argparse
 import json
 import statistics
 import time
+import weakref
 
 import torch
 
+from bitnet_kde.dryrun import rss_bytes
 from bitnet_kde.losses import DistillationLoss, LossConfig
 from bitnet_kde.model import BitNetConfig, BitNetLM
 from bitnet_kde.model.sizing import measure_flops_per_token
@@ -50,14 +56,71 @@ def make_batch(batch: int, seq: int, vocab: int, k: int, gen: torch.Generator) -
             "other_logprob": other}
 
 
+def step_loss(model, loss_fn, batch, fused: bool = True) -> dict:
+    """The training step's loss: fused head + loss, or (`fused=False`) through full logits."""
+    if not fused:
+        return loss_fn(model(batch["input_ids"]), batch)
+    from bitnet_kde.losses import ProjectedLogits
+
+    return loss_fn(ProjectedLogits(model.hidden_states(batch["input_ids"]), model.lm_head.weight), batch)
+
+
 def timed_steps(model, loss_fn, opt, batch, steps: int) -> float:
     t = time.perf_counter()
     for _ in range(steps):
-        out = loss_fn(model(batch["input_ids"]), batch)
+        out = step_loss(model, loss_fn, batch)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return (time.perf_counter() - t) / steps
+
+
+def step_memory(n_layers: int = 2, seq: int = 256, fused: bool = True) -> dict:
+    """Activation memory of one fp32 training step of the `7b` widths with `n_layers` blocks.
+
+    `saved_bytes`: distinct non-parameter storages autograd keeps for backward (from
+    `saved_tensors_hooks`): the activation memory the plan predicts. `step_peak_rss`: the process's
+    peak RSS during forward + backward over its RSS before, with the gradients already allocated
+    (so the figure is activations and transients, not the gradients themselves).
+    """
+    torch.manual_seed(0)
+    cfg = BitNetConfig.from_name("7b", n_layers=n_layers, max_seq_len=max(seq, 256))
+    model = BitNetLM(cfg)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    batch = make_batch(1, seq, cfg.vocab_size, 20, torch.Generator().manual_seed(0))
+    loss_fn = DistillationLoss(LossConfig())
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, tuple] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            saved[s.data_ptr()] = (weakref.ref(t), s.nbytes())
+        return t
+
+    before = rss_bytes()["rss"]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step_loss(model, loss_fn, batch, fused)
+    # what the graph still holds when backward starts (a loss-internal graph is gone by then)
+    held = sum(n for ref, n in saved.values() if ref() is not None)
+    out["loss"].backward()
+    return {"n_layers": n_layers, "seq": seq, "fused": fused, "saved_bytes": held,
+            "step_peak_rss": rss_bytes()["peak_rss"] - before}
+
+
+def memory_report(n_layers: int, seq: int) -> dict:
+    from bitnet_kde.model.sizing import training_activation_bytes
+
+    cfg = BitNetConfig.from_name("7b", n_layers=n_layers)
+    predicted = training_activation_bytes(cfg, seq, bytes_per_elem=4)
+    measured = step_memory(n_layers, seq)
+    print(f"7b widths, {n_layers} blocks, 1 x {seq} tokens, fp32")
+    print(f"predicted saved activations of the blocks: {predicted['blocks'] / 1e9:.3f} GB; measured (whole step): "
+          f"{measured['saved_bytes'] / 1e9:.3f} GB")
+    print(f"predicted peak (+ one rebuilt matrix + fused-loss chunk buffers): {predicted['total'] / 1e9:.3f} GB; "
+          f"measured step peak RSS: {measured['step_peak_rss'] / 1e9:.3f} GB")
+    return {**run_info(device="cpu"), "predicted": predicted, "measured": measured}
 
 
 def main() -> None:
@@ -69,8 +132,16 @@ def main() -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds; the median round counts")
+    p.add_argument("--memory", action="store_true", help="activation memory of a 7b-width step instead")
+    p.add_argument("--layers", type=int, default=2, help="blocks of the --memory model")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
+    if args.memory:
+        result = memory_report(args.layers, args.seq)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return
 
     torch.manual_seed(0)
     peak = matmul_peak()
