@@ -12,12 +12,15 @@ loss, no [B, T, V] logits).
     python scripts/bench_train.py                  # mini, batch 8 x 256, vocab 49152
     python scripts/bench_train.py --model tiny --vocab 512 --rounds 2
     python scripts/bench_train.py --memory         # 7b widths, 2 blocks: activation memory, predicted vs measured
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python scripts/bench_train.py --churn 8   # sys time, faults
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import time
 import weakref
@@ -109,6 +112,35 @@ def step_memory(n_layers: int = 2, seq: int = 256, fused: bool = True) -> dict:
             "step_peak_rss": rss_bytes()["peak_rss"] - before}
 
 
+def churn_steps(steps: int, args, fused: bool = True) -> dict:
+    """CPU time split and minor page faults of `steps` training steps (after one warm-up step).
+
+    What `make train` spends per step outside Lightning: the same model, loss and AdamW on one
+    batch. Run it under the allocator settings to compare (`TRAIN_MALLOC_ENV` in the Makefile).
+    """
+    torch.manual_seed(0)
+    cfg = BitNetConfig.from_name(args.model, vocab_size=args.vocab, max_seq_len=max(args.seq, 256))
+    model = BitNetLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = make_batch(args.batch, args.seq, args.vocab, args.k, torch.Generator().manual_seed(0))
+    loss_fn = DistillationLoss(LossConfig())
+
+    def step():
+        step_loss(model, loss_fn, batch, fused)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(steps):
+        step()
+    r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+    user, sys_ = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+    return {"steps": steps, "fused": fused, "wall_per_step": wall / steps, "user": user, "sys": sys_,
+            "sys_fraction": sys_ / (user + sys_), "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+
+
 def memory_report(n_layers: int, seq: int) -> dict:
     from bitnet_kde.model.sizing import training_activation_bytes
 
@@ -132,10 +164,15 @@ def main() -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds; the median round counts")
+    p.add_argument("--churn", type=int, metavar="STEPS", help="CPU time split and page faults of STEPS steps instead")
     p.add_argument("--memory", action="store_true", help="activation memory of a 7b-width step instead")
     p.add_argument("--layers", type=int, default=2, help="blocks of the --memory model")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
+    if args.churn:
+        result = {**run_info(device="cpu"), **churn_steps(args.churn, args)}
+        print(json.dumps(result))
+        return
     if args.memory:
         result = memory_report(args.layers, args.seq)
         if args.json:
