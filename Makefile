@@ -41,8 +41,14 @@ test-slow: install ## run only the slow tests (multi-process, long end-to-end)
 test-all: install ## run every test
 	$(PY) -m pytest $(ARGS)
 
+# glibc hands every freed block above its mmap threshold (32 MB at most) back to the OS and trims
+# the heap top, so each training step page-faults its logits, gradients and loss buffers in again
+# (sys time, minor faults). Serving every block from the heap and never trimming it keeps freed
+# memory for the next step; tests/test_allocator.py checks the effect, docs/BENCHMARKS.md the cost.
+TRAIN_MALLOC_ENV := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
+
 train: install ensure_dirs ## train the student (ARGS="model=tiny trainer.max_steps=50" for Hydra overrides)
-	$(PY) train.py $(ARGS)
+	$(TRAIN_MALLOC_ENV) $(PY) train.py $(ARGS)
 
 teacher: install ensure_dirs ## teacher baseline: greedy answers, latency, tokens/s -> reports/teacher_baseline.json
 	$(PY) teacher_baseline.py $(ARGS)

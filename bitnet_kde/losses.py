@@ -5,20 +5,24 @@ the teacher's `topk_*[:, t]`. A position takes part only where its mask is True;
 positions contribute exactly zero to the value and the gradient, whatever numbers (even
 NaN or -inf) the padded teacher tensors hold there.
 
-Memory: the only [B, T, V] tensor needed is the logits themselves. Per position we keep
-`logsumexp(z)` and a few gathered values; `chunk_size` processes positions in chunks under
+Memory: given logits, the only [B, T, V] tensor needed is the logits themselves. Per position
+we keep `logsumexp(z)` and a few gathered values; `chunk_size` processes positions in chunks under
 activation checkpointing so even the transient softmax of the backward pass is O(chunk x V).
+Given the hidden states and the LM head instead (`ProjectedLogits`, `fused_distillation_loss`),
+no [B, T, V] tensor exists at all: each chunk is projected, reduced and differentiated in turn.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["kd_per_position", "kd_topk_other_loss", "DistillationLoss", "LossConfig"]
+__all__ = ["kd_per_position", "kd_topk_other_loss", "DistillationLoss", "LossConfig", "ProjectedLogits",
+           "fused_distillation_loss"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -152,6 +156,16 @@ class LossConfig:
     """Positions per chunk (bounds peak memory at O(chunk x V)); None = all at once."""
 
 
+class ProjectedLogits(NamedTuple):
+    """Logits `hidden @ head_weight.T` in factored form: `DistillationLoss` then projects a chunk of
+    positions at a time (`fused_distillation_loss`) instead of reading a [B, T, V] tensor."""
+
+    hidden: torch.Tensor
+    """Final normed hidden states [B, T, d]."""
+    head_weight: torch.Tensor
+    """LM head weight [V, d]."""
+
+
 class DistillationLoss(torch.nn.Module):
     """`total = w_kd * KD + w_ce * CE + w_fmt * format`, computed from one pass over the logits.
 
@@ -176,23 +190,61 @@ class DistillationLoss(torch.nn.Module):
         agree = (z.argmax(-1) == ids[:, 0].long().clamp(0, z.shape[-1] - 1)).float()
         return ce, kd, agree
 
-    def forward(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+    def _rows(self, batch: dict) -> dict:
+        """The loss-bearing positions (flat indices `rows` into [B * T]) and their per-row inputs."""
         loss_mask = batch["loss_mask"]
         kd_mask = loss_mask & batch["kd_valid"]
         fmt_mask = loss_mask & batch["format_mask"]
-        rows = loss_mask.flatten().nonzero().squeeze(-1)            # only loss-bearing positions
+        rows = loss_mask.flatten().nonzero().squeeze(-1)
         targets = batch["input_ids"][:, 1:]
         targets = torch.cat([targets, torch.zeros_like(targets[:, :1])], dim=1).flatten()[rows]
-        ids, lp = batch["topk_ids"].flatten(0, 1)[rows], batch["topk_logprobs"].flatten(0, 1)[rows]
-        olp = batch["other_logprob"].flatten()[rows]
-        kd_sel, fmt_sel = kd_mask.flatten()[rows], fmt_mask.flatten()[rows]
+        return {"rows": rows, "targets": targets, "ids": batch["topk_ids"].flatten(0, 1)[rows],
+                "lp": batch["topk_logprobs"].flatten(0, 1)[rows], "olp": batch["other_logprob"].flatten()[rows],
+                "kd_sel": kd_mask.flatten()[rows], "fmt_sel": fmt_mask.flatten()[rows],
+                "counts": (loss_mask.sum(), kd_mask.sum(), fmt_mask.sum())}
+
+    def _chunks(self, n: int):
+        step = self.cfg.chunk_size or max(n, 1)
+        return [slice(s, s + step) for s in range(0, n, step)]
+
+    def _summary(self, ce, kd, agree, sel: dict, zero) -> dict[str, torch.Tensor]:
+        """The output dict from per-row CE / KL / agreement; `zero` carries the graph to the input."""
+        kd_sel, fmt_sel = sel["kd_sel"], sel["fmt_sel"]
+        n_rows = sel["rows"].numel()
+
+        def masked_mean(x, m):
+            return torch.where(m, x, torch.zeros_like(x)).sum() / m.sum().clamp_min(1) + zero
+
+        n_tokens, n_kd, n_fmt = sel["counts"]
+        out = {
+            "ce": ce.sum() / max(n_rows, 1) + zero,
+            "kd": self.cfg.tau**2 * masked_mean(kd, kd_sel),
+            "format": masked_mean(ce, fmt_sel),
+            "top1_agree": masked_mean(agree, kd_sel).detach(),
+            "n_tokens": n_tokens,
+            "n_kd_tokens": n_kd,
+            "n_format_tokens": n_fmt,
+        }
+        out["loss"] = self.kd_weight * out["kd"] + self.cfg.ce_weight * out["ce"] + self.cfg.format_weight * out["format"]
+        return out
+
+    @property
+    def kd_weight(self) -> float:
+        return 0.0 if self.cfg.ce_only else self.cfg.kd_weight
+
+    def forward(self, logits: torch.Tensor | ProjectedLogits, batch: dict) -> dict[str, torch.Tensor]:
+        """The loss of `logits` [B, T, V], or of `ProjectedLogits` computed without materializing them."""
+        if isinstance(logits, ProjectedLogits):
+            return self._fused(logits.hidden, logits.head_weight, batch)
+        sel = self._rows(batch)
+        rows = sel["rows"]
         flat = logits.flatten(0, 1)
-        step = self.cfg.chunk_size or max(rows.numel(), 1)
+        chunks = self._chunks(rows.numel())
         parts = []
-        for s in range(0, rows.numel(), step):
-            sl = slice(s, s + step)
-            args = (flat[rows[sl]], targets[sl], ids[sl], lp[sl], olp[sl], kd_sel[sl])
-            if self.cfg.chunk_size and torch.is_grad_enabled() and rows.numel() > step:
+        for sl in chunks:
+            args = (flat[rows[sl]], sel["targets"][sl], sel["ids"][sl], sel["lp"][sl], sel["olp"][sl],
+                    sel["kd_sel"][sl])
+            if self.cfg.chunk_size and torch.is_grad_enabled() and len(chunks) > 1:
                 parts.append(checkpoint(self._chunk_terms, *args, use_reentrant=False))
             else:
                 parts.append(self._chunk_terms(*args))
@@ -201,19 +253,106 @@ class DistillationLoss(torch.nn.Module):
         else:
             ce = kd = agree = logits.new_zeros(0, dtype=_compute_dtype(logits.dtype))
         zero = logits.sum() * 0.0                                   # keeps the graph when all masks are empty
+        return self._summary(ce, kd, agree, sel, zero)
 
-        def masked_mean(x, m):
-            return torch.where(m, x, torch.zeros_like(x)).sum() / m.sum().clamp_min(1) + zero
-
-        out = {
-            "ce": ce.sum() / max(rows.numel(), 1) + zero,
-            "kd": self.cfg.tau**2 * masked_mean(kd, kd_sel),
-            "format": masked_mean(ce, fmt_sel),
-            "top1_agree": masked_mean(agree, kd_sel).detach(),
-            "n_tokens": loss_mask.sum(),
-            "n_kd_tokens": kd_mask.sum(),
-            "n_format_tokens": fmt_mask.sum(),
-        }
-        w_kd = 0.0 if self.cfg.ce_only else self.cfg.kd_weight
-        out["loss"] = w_kd * out["kd"] + self.cfg.ce_weight * out["ce"] + self.cfg.format_weight * out["format"]
+    def _fused(self, hidden, head_weight, batch: dict) -> dict[str, torch.Tensor]:
+        sel = self._rows(batch)
+        h = hidden.flatten(0, 1)[sel["rows"]]
+        a_ce, a_kd = self.row_weights(sel, _compute_dtype(hidden.dtype))
+        need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
+        loss, ce, kd, agree = _FusedHeadLoss.apply(h, head_weight, self, sel, a_ce, a_kd, need_grad)
+        # The function's outputs depend on both inputs even with no row, so no zero term is needed.
+        out = self._summary(ce, kd, agree, sel, 0.0)
+        out["loss"] = loss
         return out
+
+    def row_weights(self, sel: dict, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """d loss / d ce_row and d loss / d kd_row: the total loss is linear in the per-row terms."""
+        n_tokens, n_kd, n_fmt = (c.clamp_min(1).to(dtype) for c in sel["counts"])
+        fmt = sel["fmt_sel"].to(dtype)
+        a_ce = self.cfg.ce_weight / n_tokens + self.cfg.format_weight * fmt / n_fmt
+        a_kd = self.kd_weight * self.cfg.tau**2 * sel["kd_sel"].to(dtype) / n_kd
+        return a_ce, a_kd
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Per-row CE, KL and top-1 agreement of `h @ W.T` without a full [N, V] logits tensor.
+
+    Outputs `(loss, ce, kd, agree)`: `loss = sum(a_ce * ce + a_kd * kd)` is the training loss,
+    and its gradients for `h` and `W` are computed *in the forward pass*, chunk by chunk (each
+    chunk's logits live only while it is processed), and kept for backward: the logits are
+    projected once, not twice as under recomputation. `ce` / `kd` stay differentiable too: a
+    gradient arriving through them (anything but `loss`) recomputes each chunk's logits in
+    backward. `agree` has no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, loss_fn, sel, a_ce, a_kd, need_grad):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        cdt = _compute_dtype(h.dtype)
+        n = h.shape[0]
+        ce = torch.empty(n, dtype=cdt, device=h.device)
+        kd, agree = torch.empty_like(ce), torch.empty_like(ce)
+        gh = torch.zeros_like(h) if need_grad else None
+        gw = torch.zeros(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device) \
+            if need_grad else None
+        wh = w.to(h.dtype)  # no copy unless the head and the hidden states differ in dtype
+        for sl in loss_fn._chunks(n):
+            z = h[sl] @ wh.T
+            with torch.enable_grad():
+                z.requires_grad_(need_grad)
+                c, k, a = loss_fn._chunk_terms(z, *_row_args(sel, sl))
+                if need_grad:
+                    (gz,) = torch.autograd.grad((a_ce[sl] * c + a_kd[sl] * k).sum(), z)
+            ce[sl], kd[sl], agree[sl] = c.detach(), k.detach(), a
+            if need_grad:
+                gh[sl] = gz.to(h.dtype) @ wh
+                gw.addmm_(gz.T.to(gw.dtype), h[sl].to(gw.dtype))
+            del z
+        loss = (a_ce * ce + a_kd * kd).sum()
+        ctx.loss_fn, ctx.sel, ctx.grads = loss_fn, sel, (gh, gw)
+        ctx.save_for_backward(h, w)
+        ctx.mark_non_differentiable(agree)
+        return loss, ce, kd, agree
+
+    @staticmethod
+    def backward(ctx, g_loss, g_ce, g_kd, _g_agree):  # type: ignore[override]
+        h, w = ctx.saved_tensors
+        gh, gw = ctx.grads
+        ctx.grads = None
+        if g_loss is None:
+            gh = gw = None
+        elif not bool(g_loss == 1):
+            gh, gw = gh.mul_(g_loss), gw.mul_(g_loss)
+        if g_ce is not None or g_kd is not None:
+            g_ce = torch.zeros(h.shape[0], dtype=_compute_dtype(h.dtype), device=h.device) if g_ce is None else g_ce
+            g_kd = torch.zeros_like(g_ce) if g_kd is None else g_kd
+            gh = torch.zeros_like(h) if gh is None else gh
+            gw = torch.zeros(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device) \
+                if gw is None else gw
+            wh = w.to(h.dtype)
+            for sl in ctx.loss_fn._chunks(h.shape[0]):
+                with torch.enable_grad():
+                    z = (h[sl] @ wh.T).requires_grad_(True)
+                    c, k, _ = ctx.loss_fn._chunk_terms(z, *_row_args(ctx.sel, sl))
+                    (gz,) = torch.autograd.grad((g_ce[sl] * c + g_kd[sl] * k).sum(), z)
+                gh[sl] += gz.to(h.dtype) @ wh
+                gw.addmm_(gz.T.to(gw.dtype), h[sl].to(gw.dtype))
+        return gh, None if gw is None else gw.to(w.dtype), None, None, None, None, None
+
+
+def _row_args(sel: dict, sl: slice) -> tuple:
+    return sel["targets"][sl], sel["ids"][sl], sel["lp"][sl], sel["olp"][sl], sel["kd_sel"][sl]
+
+
+def fused_distillation_loss(hidden: torch.Tensor, head_weight: torch.Tensor, batch: dict,
+                            cfg: LossConfig | None = None) -> dict[str, torch.Tensor]:
+    """`DistillationLoss(cfg)(hidden @ head_weight.T, batch)` without ever holding [B, T, V] logits.
+
+    `hidden` [B, T, d] are the final (normed) hidden states, `head_weight` [V, d] the LM head.
+    Only loss-bearing positions are projected, `cfg.chunk_size` of them at a time, so the largest
+    temporaries are O(chunk x V) in forward and backward alike. Same dict, same values and same
+    gradients (for `hidden` and `head_weight`) as the unfused loss; the gradient of `loss` is
+    computed during the forward pass (see `_FusedHeadLoss`).
+    """
+    return DistillationLoss(cfg)(ProjectedLogits(hidden, head_weight), batch)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "ternary_weight",
     "quantize_activations",
     "fake_quant_weight",
     "fake_quant_activations",
+    "ternary_linear",
     "pack_ternary",
     "unpack_ternary",
     "WEIGHT_EPS",
@@ -87,18 +89,58 @@ class _FakeQuantActivations(torch.autograd.Function):
         return grad, None, None, None
 
 
+def _dequantized_weight(w: torch.Tensor, eps: float, lam: float) -> torch.Tensor:
+    """`ternary(w) * scale`, blended with `w` by `lam` (a new tensor)."""
+    wq, scale = ternary_weight(w, eps)
+    wq = wq.mul_(scale)
+    if lam >= 1.0:
+        return wq
+    return torch.lerp(w, wq, lam)
+
+
 class _FakeQuantWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, eps, lam):  # type: ignore[override]
-        wq, scale = ternary_weight(w, eps)
-        wq = wq.mul_(scale)
-        if lam >= 1.0:
-            return wq
-        return torch.lerp(w, wq, lam)
+        return _dequantized_weight(w, eps, lam)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         return grad, None, None
+
+
+class _TernaryLinear(torch.autograd.Function):
+    """`F.linear(x, fake_quant_weight(w))` that saves the latent weight instead of the dequantized one.
+
+    The latent weight is a parameter, held anyway, so what this layer adds to the tensors kept
+    for backward is only its input. Backward rebuilds the dequantized weight (one elementwise
+    pass) for the input gradient; the weight gradient is the straight-through one, `g^T x`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, eps, lam):  # type: ignore[override]
+        device = x.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            # What autocast's F.linear would keep: the input in the low-precision dtype.
+            x = x.to(torch.get_autocast_dtype(device))
+        ctx.eps, ctx.lam = eps, lam
+        ctx.save_for_backward(x, w)
+        return F.linear(x, _dequantized_weight(w, eps, lam).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = grad @ _dequantized_weight(w, ctx.eps, ctx.lam).to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
+        return gx, gw, None, None
+
+
+def ternary_linear(x: torch.Tensor, w: torch.Tensor, lam: float = 1.0, eps: float = WEIGHT_EPS) -> torch.Tensor:
+    """`F.linear(x, fake_quant_weight(w, lam))` (bit-identical output and gradients) that keeps only
+    `x` and the latent `w` for backward, not a dequantized copy of the weight."""
+    return _TernaryLinear.apply(x, w, eps, float(lam))
 
 
 def fake_quant_activations(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitnet_kde.losses import DistillationLoss, LossConfig, kd_per_position, kd_topk_other_loss
+from bitnet_kde.losses import DistillationLoss, LossConfig, fused_distillation_loss, kd_per_position, kd_topk_other_loss
 
 F64 = torch.float64
 
@@ -519,3 +519,110 @@ def test_distillation_loss_under_bf16_autocast_is_finite_and_masked():
     out["loss"].backward()
     assert torch.isfinite(logits.grad).all()
     assert (logits.grad[~loss_mask] == 0).all() and (logits.grad[loss_mask] != 0).any()
+
+
+# --------------------------------------------------------------------------------------------
+# fused head + loss against the unfused loss on explicit logits
+# --------------------------------------------------------------------------------------------
+
+
+def fused_case(seed, pad_slots=True, d=6):
+    """Hidden states, head weight and a batch with masked positions and padded top-K slots."""
+    _, batch = make_batch(B=3, T=11, V=31, K=5, seed=seed, dtype=F64)
+    valid = batch["loss_mask"] & batch["kd_valid"]
+    if pad_slots:  # the last two slots of every other valid position are padding (-inf / NaN)
+        lp = batch["topk_logprobs"].clone()
+        pos = valid.nonzero()[::2]
+        lp[pos[:, 0], pos[:, 1], -1] = -math.inf
+        lp[pos[:, 0], pos[:, 1], -2] = math.nan
+        batch["topk_logprobs"] = lp
+    g = torch.Generator().manual_seed(100 + seed)
+    return torch.randn(3, 11, d, generator=g, dtype=F64), torch.randn(31, d, generator=g, dtype=F64), batch
+
+
+def both_losses(hidden0, weight0, batch, cfg, pick=lambda out: out["loss"]):
+    """(unfused outputs, grads) and (fused outputs, grads) of `pick(out)` for hidden and weight."""
+    results = []
+    for fused in (False, True):
+        h, w = hidden0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
+        out = fused_distillation_loss(h, w, batch, cfg) if fused else DistillationLoss(cfg)(h @ w.T, batch)
+        pick(out).backward()
+        results.append((out, h.grad, w.grad))
+    return results
+
+
+@pytest.mark.parametrize("cfg", [
+    LossConfig(),
+    LossConfig(tau=2.0, chunk_size=4),
+    LossConfig(tau=0.5, other="renormalize", chunk_size=3),
+    LossConfig(ce_only=True, format_weight=0.7),
+    LossConfig(chunk_size=None, kd_weight=0.3),
+], ids=["default", "tau2-chunk4", "tau0.5-renormalize", "ce_only", "unchunked"])
+def test_fused_loss_equals_unfused_float64(cfg):
+    hidden, weight, batch = fused_case(seed=6)
+    kd_mask = batch["loss_mask"] & batch["kd_valid"]
+    assert bool((~batch["loss_mask"]).any()) and bool((batch["loss_mask"] & ~batch["kd_valid"]).any())
+    assert int(kd_mask.sum()) > 4 and not bool(torch.isfinite(batch["topk_logprobs"][kd_mask]).all())
+    (ref, gh_ref, gw_ref), (out, gh, gw) = both_losses(hidden, weight, batch, cfg)
+    assert set(out) == set(ref)
+    for key in ref:
+        assert torch.allclose(out[key].to(F64), ref[key].to(F64), rtol=1e-12, atol=1e-12), key
+    assert num(ref["kd"]) > 0.1 and num(ref["loss"]) > 0.1
+    assert torch.allclose(gh, gh_ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(gw, gw_ref, rtol=1e-10, atol=1e-12)
+    assert num(gw.abs().max()) > 1e-3
+    assert bool((gh[~batch["loss_mask"]] == 0).all())  # masked positions get no gradient
+
+
+@pytest.mark.parametrize("term", ["kd", "ce", "format"])
+def test_fused_loss_single_terms_have_the_unfused_gradients(term):
+    """Any term can be differentiated on its own (it goes through the recomputing backward)."""
+    hidden, weight, batch = fused_case(seed=7)
+    cfg = LossConfig(tau=1.5, chunk_size=4)
+    (ref, gh_ref, gw_ref), (out, gh, gw) = both_losses(hidden, weight, batch, cfg,
+                                                       pick=lambda o: 2.0 * o[term] + 0.5 * o["loss"])
+    assert torch.allclose(gh, gh_ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(gw, gw_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_loss_all_masked_is_zero_not_nan():
+    hidden, weight, batch = fused_case(seed=8)
+    batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
+    batch["topk_logprobs"] = torch.full_like(batch["topk_logprobs"], math.nan)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = fused_distillation_loss(h, w, batch, LossConfig(chunk_size=3))
+    for key in ("loss", "kd", "ce", "format", "top1_agree"):
+        assert num(out[key]) == 0.0, key
+    out["loss"].backward()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_fused_loss_without_grad_matches_and_holds_no_graph():
+    hidden, weight, batch = fused_case(seed=9)
+    with torch.no_grad():
+        out = fused_distillation_loss(hidden, weight, batch, LossConfig(chunk_size=5))
+        ref = DistillationLoss(LossConfig(chunk_size=5))(hidden @ weight.T, batch)
+    assert not out["loss"].requires_grad
+    assert torch.allclose(out["loss"], ref["loss"], rtol=1e-12)
+
+
+def test_fused_loss_never_allocates_batch_by_vocab():
+    """No tensor with as many elements as [rows, V] exists at once in forward or backward."""
+    hidden, weight, batch = fused_case(seed=10)
+    n_rows, vocab, chunk = int(batch["loss_mask"].sum()), weight.shape[0], 4
+    assert n_rows > 2 * chunk
+    seen = []
+
+    class Watch(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(result):
+                if isinstance(t, torch.Tensor):
+                    seen.append(t.numel())
+            return result
+
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with Watch():
+        fused_distillation_loss(h, w, batch, LossConfig(chunk_size=chunk))["loss"].backward()
+    assert max(seen) < n_rows * vocab
+    assert chunk * vocab in seen  # the chunk's logits did exist

@@ -269,3 +269,85 @@ def test_bitlinear_a4_uses_4bit_grid():
     expected = F.linear(quantize_activations(x, bits=4), wq_t * scale)
     assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(layer(x), F.linear(quantize_activations(x, bits=8), wq_t * scale), atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# ternary_linear: the BitLinear product that keeps the latent weight for backward
+# --------------------------------------------------------------------------------------------
+
+
+def reference_bitlinear(layer: BitLinear, x: torch.Tensor) -> torch.Tensor:
+    """What BitLinear computed before ternary_linear: F.linear on the dequantized weight."""
+    return F.linear(layer.quantize_input(x), fake_quant_weight(layer.weight, layer.quant_lambda))
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.4])
+@pytest.mark.parametrize("bits,scale_mode", [(8, "absmax"), (4, "absmax"), (4, "absmean")])
+def test_bitlinear_gradients_equal_the_dequantized_reference_float64(lam, bits, scale_mode):
+    torch.manual_seed(0)
+    layer = BitLinear(24, 10, activation_bits=bits, a4_scale=scale_mode).double()
+    layer.quant_lambda = lam
+    x0 = torch.randn(3, 5, 24, dtype=torch.float64)
+    g = torch.randn(3, 5, 10, dtype=torch.float64)
+    results = []
+    for fn in (reference_bitlinear, lambda m, x: m(x)):
+        layer.weight.grad = None
+        x = x0.clone().requires_grad_(True)
+        y = fn(layer, x)
+        y.backward(g)
+        results.append((y.detach(), x.grad, layer.weight.grad.clone()))
+    (y_ref, gx_ref, gw_ref), (y, gx, gw) = results
+    assert torch.equal(y, y_ref)
+    assert torch.allclose(gx, gx_ref, rtol=1e-13, atol=1e-14)
+    assert torch.allclose(gw, gw_ref, rtol=1e-13, atol=1e-14)
+    # the STE gradients themselves: g W_q for the input, g^T x_q for the weight
+    xq = layer.quantize_input(x0)
+    wq = fake_quant_weight(layer.weight.detach(), lam)
+    assert torch.allclose(gw, g.reshape(-1, 10).T @ xq.reshape(-1, 24), rtol=1e-12)
+    assert torch.allclose(gx, g @ wq, rtol=1e-12)
+
+
+def saved_tensors(fn):
+    """The tensors autograd keeps for backward while `fn()` runs, and its result."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_bitlinear_saves_its_input_and_latent_weight_only(lam):
+    torch.manual_seed(1)
+    layer = BitLinear(64, 48)
+    layer.quant_lambda = lam
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    saved, y = saved_tensors(lambda: layer(x))
+    params = {layer.weight.data_ptr()}
+    extra = [t for t in saved if t.data_ptr() not in params]
+    # per layer: the quantized input (2 x 7 x 64 fp32), nothing of the weight's size
+    assert sum(t.numel() * t.element_size() for t in extra) == 2 * 7 * 64 * 4
+    assert any(t.data_ptr() == layer.weight.data_ptr() for t in saved)
+    # the previous form kept a dequantized copy: 48 x 64 fp32 = 12,288 bytes more
+    ref_saved, _ = saved_tensors(lambda: reference_bitlinear(layer, x))
+    ref_extra = sum(t.numel() * t.element_size() for t in ref_saved if t.data_ptr() not in params)
+    assert ref_extra == 2 * 7 * 64 * 4 + 48 * 64 * 4
+    y.sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+
+
+def test_bitlinear_under_autocast_keeps_bf16_input_and_matches_reference():
+    torch.manual_seed(2)
+    layer = BitLinear(32, 16)
+    x = torch.randn(4, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved, y = saved_tensors(lambda: layer(x))
+        y_ref = reference_bitlinear(layer, x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    assert [t.dtype for t in saved if t.data_ptr() != layer.weight.data_ptr()] == [torch.bfloat16]
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32

@@ -40,8 +40,8 @@ from torch import nn
 
 from bitnet_kde.quant import (
     fake_quant_activations,
-    fake_quant_weight,
     pack_ternary,
+    ternary_linear,
     ternary_weight,
     unpack_ternary,
 )
@@ -178,8 +178,8 @@ class BitLinear(nn.Linear):
         if not self.quantize:
             return F.linear(x, self.weight)
         xq = x if input_quantized else self.quantize_input(x)
-        wq = fake_quant_weight(self.weight, self.quant_lambda)
-        return F.linear(xq, wq.to(xq.dtype))
+        # Keeps the latent weight for backward, not a dequantized copy (quant.ternary_linear).
+        return ternary_linear(xq, self.weight, self.quant_lambda)
 
     @torch.no_grad()
     def ternary_stats(self) -> dict[str, float]:
@@ -451,6 +451,14 @@ class BitNetLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits for `input_ids`; with a `cache`, the ids continue the cached tokens."""
+        return self.lm_head(self.hidden_states(input_ids, cache))
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normed hidden states [B, T, d] that `lm_head` projects to logits.
+
+        Training feeds them with `lm_head.weight` to `losses.fused_distillation_loss`, which
+        projects a chunk of positions at a time instead of holding [B, T, V] logits.
+        """
         start = cache.pos if cache is not None else 0
         t = input_ids.shape[1]
         if start + t > self.cfg.max_seq_len:
@@ -461,7 +469,7 @@ class BitNetLM(nn.Module):
             x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.pos += t
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bitnet_kde.losses import LossConfig
 from bitnet_kde.model.bitnet import BitLinear, BitNetConfig, BitNetLM
 from bitnet_kde.model.packed import packed_skeleton
 
@@ -65,8 +66,36 @@ def activation_elems_per_token_block(cfg: BitNetConfig) -> int:
     return (8 * d + 2 * kv) + (3 * d + 6 * f)
 
 
+FUSED_LOSS_BUFFERS = 6
+"""fp32 [chunk, V] buffers the fused head + loss holds at its peak: the chunk's logits, the
+logsumexp temporaries and the gradient pieces (6.3 measured by `scripts/bench_loss.py`)."""
+
+
+def training_activation_bytes(cfg: BitNetConfig, tokens: int, *, bytes_per_elem: int = 2,
+                              loss_chunk: int | None = LossConfig.chunk_size) -> dict:
+    """Activation memory of one training step without checkpointing, by term, in bytes.
+
+    `blocks`: what every block saves for backward (`activation_elems_per_token_block`, in the
+    compute dtype). BitLinears keep their latent weight (a parameter) rather than a dequantized
+    copy; backward rebuilds one matrix at a time, in fp32 and then the compute dtype
+    (`bitlinear_rebuild`, transient). `head`: the fused head + loss holds `FUSED_LOSS_BUFFERS`
+    fp32 buffers of `loss_chunk` x V plus the loss positions' hidden states and their gradient
+    (fp32); no [tokens, V] logits exist.
+    """
+    largest = max(cfg.d_model * cfg.n_heads * cfg.head_dim, cfg.d_model * cfg.ffn_dim)
+    chunk = min(loss_chunk or tokens, tokens)
+    out = {
+        "blocks": cfg.n_layers * bytes_per_elem * tokens * activation_elems_per_token_block(cfg),
+        "bitlinear_rebuild": (4 + bytes_per_elem) * largest,
+        "head": FUSED_LOSS_BUFFERS * 4 * chunk * cfg.vocab_size + 2 * 4 * tokens * cfg.d_model,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
 def memory_plan(cfg: BitNetConfig, counts: dict, *, gpus=(1, 8, 64), train_seq_len: int = 2048,
-                train_micro_batch: int = 1, gpu_memory_gb: float = 80.0) -> dict:
+                train_micro_batch: int = 1, gpu_memory_gb: float = 80.0,
+                loss_chunk: int | None = LossConfig.chunk_size) -> dict:
     """Inference and per-GPU training memory in bytes (from `count_parameters`), with the assumptions
     spelled out."""
     p, emb = counts["total"], counts["embedding"] + counts["lm_head_untied"]
@@ -81,14 +110,14 @@ def memory_plan(cfg: BitNetConfig, counts: dict, *, gpus=(1, 8, 64), train_seq_l
         "kv_cache_bf16_at_max_seq_len": kv_per_token * cfg.max_seq_len,
     }
     tokens = train_seq_len * train_micro_batch
-    block, block_bit = counts["per_block"], counts["per_block_bitlinear"]
-    act_block = 2 * tokens * activation_elems_per_token_block(cfg)  # bf16
-    saved_weights_block = 2 * block_bit  # bf16 dequantized ternary weights that F.linear saves
-    head = 2 * 2 * tokens * cfg.vocab_size  # bf16 logits and their gradient
+    block = counts["per_block"]
+    terms = training_activation_bytes(cfg, tokens, bytes_per_elem=2, loss_chunk=loss_chunk)  # bf16
+    act_block = terms["blocks"] // cfg.n_layers
     activations = {
-        "none": cfg.n_layers * (act_block + saved_weights_block) + head,
+        "none": terms["total"],
         # per-block checkpointing: block inputs stay, one block is recomputed at a time
-        "per_block_checkpointing": cfg.n_layers * 2 * tokens * cfg.d_model + act_block + saved_weights_block + head,
+        "per_block_checkpointing": cfg.n_layers * 2 * tokens * cfg.d_model + act_block + terms["bitlinear_rebuild"]
+        + terms["head"],
     }
     gathered = 2 * 2 * block + 2 * block  # two bf16 blocks gathered (prefetch) + one block's bf16 grads
     training = []
@@ -110,12 +139,14 @@ def memory_plan(cfg: BitNetConfig, counts: dict, *, gpus=(1, 8, 64), train_seq_l
                         f"grads and two fp32 AdamW states sharded (16 B/param / N); one FSDP unit per block with "
                         f"prefetch (2 blocks of bf16 params gathered + 1 block of bf16 grads); activations for a "
                         f"micro-batch of {train_micro_batch} x {train_seq_len} tokens per GPU in bf16, not sharded; "
-                        f"each BitLinear saves its dequantized bf16 weight for backward (held for all blocks "
-                        f"without checkpointing, for one block with it); LM head: bf16 logits + their gradient; "
+                        f"BitLinears keep their latent weight for backward and rebuild one dequantized matrix "
+                        f"at a time; LM head: fused with the loss, {FUSED_LOSS_BUFFERS} fp32 buffers of "
+                        f"{loss_chunk} positions x vocabulary, no full logits; "
                         f"framework overhead, fragmentation and communication buffers not included",
             "train_seq_len": train_seq_len,
             "train_micro_batch": train_micro_batch,
             "activation_elems_per_token_per_block": activation_elems_per_token_block(cfg),
+            "activation_terms": terms,
             "gpu_memory_gb": gpu_memory_gb,
         },
     }

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from bitnet_kde.losses import DistillationLoss, LossConfig
+from bitnet_kde.losses import DistillationLoss, LossConfig, ProjectedLogits
 from bitnet_kde.model import BitNetConfig, BitNetLM
 from bitnet_kde.model.sizing import measure_flops_per_token
 
@@ -89,7 +89,9 @@ class DistillationModule(pl.LightningModule):
             "without writing a checkpoint of these weights (check loss.tau, optim.lr and the traces)")
 
     def _step(self, batch: dict, stage: str, batch_idx: int = 0) -> torch.Tensor:
-        out = self.loss_fn(self.model(batch["input_ids"]), batch)
+        # The fused head + loss projects a chunk of positions at a time: no [B, T, V] logits.
+        out = self.loss_fn(ProjectedLogits(self.model.hidden_states(batch["input_ids"]), self.model.lm_head.weight),
+                           batch)
         if stage == "train":
             self._check_finite(out, batch_idx)
         n = int(out["n_tokens"])
