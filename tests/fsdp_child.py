@@ -3,7 +3,7 @@ each rank: (rank, step, loss, tokens seen by the flip counter, activation bits).
 
     python tests/fsdp_child.py ref   TRACE_DIR OUT STEPS             one process, the two ranks' batches
                                                                     as 2 accumulated micro-batches
-    python tests/fsdp_child.py fsdp  TRACE_DIR OUT STEPS [CKPT]      trainer=fsdp's strategy, 2 CPU processes
+    python tests/fsdp_child.py fsdp  TRACE_DIR OUT STEPS [CKPT]      FSDP2Strategy (trainer=fsdp), 2 CPU processes
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from types import SimpleNamespace
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 from bitnet_kde.data import KDTraceDataModule
 from bitnet_kde.training import ActivationFlip, DistillationModule
+from bitnet_kde.training.fsdp import FSDP2Strategy
 
 FLIP_AT_TOKENS = 200
 """Reached after about two steps of 2 x 4 rows: both runs must flip at the same step."""
@@ -68,7 +68,7 @@ def main(mode: str, trace_dir: str, out: str, steps: int, ckpt: str | None = Non
         trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     else:
         save = ModelCheckpoint(dirpath=f"{out}/checkpoints", every_n_train_steps=steps // 2, save_top_k=-1)
-        trainer = pl.Trainer(devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        trainer = pl.Trainer(devices=2, strategy=FSDP2Strategy(),
                              callbacks=[flip, save], **common)
         trainer.fit(module, datamodule=datamodule(trace_dir), ckpt_path=ckpt)
 

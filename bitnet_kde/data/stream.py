@@ -9,11 +9,13 @@ the rows and loss tokens of each split. Ids are kept as 8-byte hashes (duplicate
 then dropped: the index costs O(row groups), plus 8 bytes per row while it is built.
 
 `TraceStream` plans an epoch from the index alone: a seeded order of row groups and of the rows
-inside each, cut into equal contiguous slices for the ranks (the training split is padded by
-wrapping around, as DistributedSampler pads, so every rank runs the same number of steps), each
-rank's slice cut into whole batches shared out between DataLoader workers. Each worker reads only
-the row groups its batches touch, validates them (page checksums, `validate_traces`) as it goes,
-and reports its position (`state_dict`) so a `StatefulDataLoader` resumes mid-epoch exactly.
+inside each, cut into equal contiguous slices for the ranks, each rank's slice cut into whole
+batches shared out between DataLoader workers. Both splits are padded (wrapping around, as
+DistributedSampler pads), so every rank runs the same number of training and validation steps:
+under FSDP every forward is a collective, and a rank with one batch more would wait forever.
+Validation metrics then count at most `world_size - 1` rows twice. Each worker reads only the
+row groups its batches touch, validates them (page checksums, `validate_traces`) as it goes, and
+reports its position (`state_dict`) so a `StatefulDataLoader` resumes mid-epoch exactly.
 """
 
 from __future__ import annotations
@@ -185,11 +187,8 @@ class TraceStream(IterableDataset):
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.make_rows, self.read = make_rows, read
         self.total = int(index.rows[split].sum())
-        # training pads (wraps around) so every rank has as many steps; validation never counts a row twice
-        per_rank = math.ceil(self.total / world_size)
-        self.start = rank * per_rank
-        self.stop = self.start + per_rank if split == "train" else min(self.start + per_rank, self.total)
-        self.stop = max(self.stop, self.start)
+        per_rank = math.ceil(self.total / world_size)  # the last ranks wrap around to the first rows
+        self.start, self.stop = rank * per_rank, (rank + 1) * per_rank
         self.epoch, self.served = 0, 0
         self._next_epoch, self._resumed = 0, False
 
@@ -220,7 +219,7 @@ class TraceStream(IterableDataset):
         units, ends = self._order(self.epoch)
         cached: tuple[int, object, np.ndarray] | None = None
         for pos in range(lo + self.served, hi):
-            g = (self.start + pos) % self.total  # wraps around only for the training split's padding
+            g = (self.start + pos) % self.total  # wraps around only for the padding
             k = int(np.searchsorted(ends, g, side="right"))
             u, off = int(units[k]), g - (int(ends[k - 1]) if k else 0)
             if cached is None or cached[0] != u:

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.optim.lr_scheduler import LambdaLR
 
 from bitnet_kde.losses import DistillationLoss, LossConfig
 from bitnet_kde.model import BitNetConfig, BitNetLM
 from bitnet_kde.model.sizing import measure_flops_per_token
+from bitnet_kde.training.fsdp import shard_student
 
 LOGGED = ("kd", "ce", "format", "top1_agree")
 TERMS = ("kd", "ce", "format")
@@ -70,16 +72,12 @@ class DistillationModule(pl.LightningModule):
         return self.model(input_ids)
 
     def configure_model(self) -> None:
-        # Under ModelParallelStrategy (trainer=fsdp): FSDP2 shards each block on its own, so only one
-        # block's full weights exist at a time, then the root (embedding, tied head, final norm).
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        mesh = self.device_mesh
-        if mesh is None or isinstance(self.model, FSDPModule):  # not sharding, or sharded already
+        # Under ModelParallelStrategy (trainer=fsdp) only; once (fit, then validate, call it again).
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):
             return
-        for block in self.model.blocks:
-            fully_shard(block, mesh=mesh["data_parallel"])
-        fully_shard(self.model, mesh=mesh["data_parallel"])
+        strategy = self.trainer.strategy
+        shard_student(self.model, self.device_mesh["data_parallel"],
+                      activation_checkpointing=getattr(strategy, "activation_checkpointing", False))
 
     def setup(self, stage: str) -> None:
         # FLOPs of one forward+backward token, counted once on the meta device (no memory, no
