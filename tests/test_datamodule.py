@@ -390,3 +390,27 @@ def test_dataloader_with_two_workers(traces):
         assert torch.isfinite(b["topk_logprobs"][b["kd_valid"]]).all()
     # shuffled: a second epoch still covers every row once
     assert sum(b["input_ids"].shape[0] for b in loader) == len(dm.train_set)
+
+
+def test_numpy_sampler_writes_valid_bigram_traces(tmp_path):
+    """The sampler of scripts/make_synthetic_traces.py: same teacher table, own content address."""
+    src = bigram(num_sequences=30, shard_rows=8, sampler="numpy")
+    assert src.trace_set_id != bigram(num_sequences=30).trace_set_id
+    src.write(tmp_path / "a")
+    assert src.is_complete(tmp_path / "a") and len(list_shards(tmp_path / "a")) == 4
+    tab = read_traces(tmp_path / "a", vocab_size=VOCAB, k_max=K)  # every schema rule holds
+    lp = src.log_probs()
+    top_lp, top_ids = lp.topk(K, dim=-1)
+    follows = []
+    for r in tab.to_pylist():
+        seq, cs = r["input_ids"], r["completion_start"]
+        assert PROMPT[0] <= cs <= PROMPT[1] and COMPLETION[0] <= len(seq) - cs <= COMPLETION[1]
+        assert [len(c) for c in r["topk_ids"]] == [K] * (len(seq) - 1) + [0]
+        for j, tok in enumerate(seq[:-1]):
+            assert r["topk_ids"][j] == top_ids[tok].tolist()
+            np.testing.assert_allclose(r["topk_logprobs"][j], top_lp[tok].numpy(), rtol=1e-6)
+            follows.append(float(lp[tok, seq[j + 1]]))
+    # successors are drawn from the bigram: their mean log-probability is far above uniform's
+    assert np.mean(follows) > -math.log(VOCAB) + 1.5
+    src.write(tmp_path / "b")
+    assert read_traces(tmp_path / "b").to_pylist() == tab.to_pylist()
