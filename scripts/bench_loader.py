@@ -6,7 +6,8 @@ builds it (`--workers` DataLoader workers, batch `--batch-size`), timed over `--
 batches, then the `mini` student's training step (forward, backward, AdamW) on the first of
 those batches, timed over `--steps` steps. Both count real tokens (no padding) per second.
 
-Memory (`--rss SMALL LARGE`): `train.py model=tiny trainer.max_steps=50` on each trace set, the
+Memory (`--rss SMALL LARGE`): `train.py model=tiny trainer.max_steps=50` on each trace set (its
+one validation limited to 20 batches, so that the run stays short on a large set), the
 resident memory of its whole process tree (workers included) sampled every 0.2 s.
 
     python scripts/make_synthetic_traces.py --tokens 40000000 --out /tmp/t40m
@@ -99,7 +100,8 @@ def rss(args) -> None:
     results = []
     for trace_dir in args.rss:
         with tempfile.TemporaryDirectory() as out:
-            cmd = [sys.executable, str(ROOT / "train.py"), "model=tiny", "trainer.max_steps=50", "data=parquet",
+            cmd = [sys.executable, str(ROOT / "train.py"), "model=tiny", "trainer.max_steps=50", "+trainer.limit_val_batches=20",
+                   "data=parquet",
                    f"data.trace_dir={Path(trace_dir).resolve()}", f"data.vocab_size={args.vocab_size}",
                    f"paths.root={out}", "logger=csv", "callbacks.progress_bar=null"]
             gb, sec = peak_rss(cmd, out)
