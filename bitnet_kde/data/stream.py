@@ -31,9 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bitnet_kde.kd.traces import (META_PREFIX, RECOLLECT, SCHEMA_VERSION, TRACE_SCHEMA, TraceValidationError,
-                                   _check_types, _file_sha256, _manifest_entries, _mismatch, arrow_path,
-                                   check_run_match, list_offsets, validate_traces)
+from bitnet_kde.kd.traces import (DUPLICATE_HINT, META_PREFIX, RECOLLECT, SCHEMA_VERSION, TRACE_SCHEMA,
+                                   TraceValidationError, _check_same_trace_set, _check_types, _file_sha256,
+                                   _manifest_entries, _mismatch, arrow_path, check_run_match, list_offsets,
+                                   table_metadata, validate_traces)
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,6 @@ def split_of(row_id: str, val_fraction: float) -> str:
 def _unreadable(path, e: Exception) -> TraceValidationError:
     return TraceValidationError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}. "
                                 "Delete it and re-run collection to regenerate it.")
-
-
-def _meta(schema: pa.Schema) -> dict[str, str]:
-    raw = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-    return {k[len(META_PREFIX):]: v for k, v in raw.items() if k.startswith(META_PREFIX)}
 
 
 @dataclass
@@ -93,7 +89,7 @@ class TraceIndex:
         index = cls(str(trace_dir), val_fraction, max_seq_len)
         counts = {s: ([], []) for s in SPLITS}
         hashes: list[np.ndarray] = []
-        first_of: dict[str, tuple] = {}
+        footers: list[pa.Table] = []  # empty tables: the schema and metadata of each shard
         for s, (path, entry) in enumerate(entries):
             if entry is not None and verify_sha256:
                 sha = _file_sha256(path)
@@ -107,18 +103,13 @@ class TraceIndex:
                 raise _unreadable(path, e) from e
             if entry is not None and pf.metadata.num_rows != entry["rows"]:
                 raise TraceValidationError(f"{_mismatch(path, entry, 'n/a', pf.metadata.num_rows)}; {RECOLLECT}")
-            meta = _meta(schema)
+            footers.append(schema.empty_table())
+            meta = table_metadata(footers[-1])
             if meta.get("schema_version") != SCHEMA_VERSION:
                 raise TraceValidationError(
                     f"{path}: trace schema version {meta.get('schema_version')!r}, this version of bitnet-kde "
                     f"reads {SCHEMA_VERSION!r} (metadata key '{META_PREFIX}schema_version')")
             _check_types(path, schema)
-            for key in ("student_tokenizer_hash", "vocab_size"):
-                if key in meta and first_of.setdefault(key, (path, meta[key]))[1] != meta[key]:
-                    raise TraceValidationError(
-                        f"{path}: made for {META_PREFIX}{key}={meta[key]!r}, but {first_of[key][0]} for "
-                        f"{first_of[key][1]!r}: shards of different trace sets are mixed; keep one trace set per "
-                        "folder (or re-collect into an empty one)")
             if not s:
                 index.metadata = meta
                 check_run_match(meta, str(trace_dir), vocab_size=vocab_size, k_max=k_max)
@@ -127,24 +118,23 @@ class TraceIndex:
                     part = pf.read_row_group(g, columns=["id", "input_ids", "completion_start"])
                 except (pa.ArrowException, OSError) as e:
                     raise _unreadable(path, e) from e
-                h = np.array([id_hash(i) for i in part.column("id").to_pylist()], dtype=np.uint64)
+                h = [id_hash(i) for i in part.column("id").to_pylist()]
+                val = np.array([x / 2**64 < val_fraction for x in h], dtype=bool)  # as split_of decides
                 lengths = np.diff(list_offsets(part.column("input_ids"))[0])
                 loss = np.maximum(np.minimum(lengths, max_seq_len) - part.column("completion_start").to_numpy(), 0)
-                val = h / 2**64 < val_fraction
                 index.truncated += int((lengths > max_seq_len).sum())
                 index.units.append((s, g))
                 for split, mask in (("train", ~val), ("val", val)):
                     counts[split][0].append(int(mask.sum()))
                     counts[split][1].append(int(loss[mask].sum()))
-                hashes.append(h)
+                hashes.append(np.array(h, dtype=np.uint64))
             index.shards.append(path)
+        _check_same_trace_set(index.shards, footers)
         index.rows = {s: np.array(c[0], dtype=np.int64) for s, c in counts.items()}
         index.loss_tokens = {s: np.array(c[1], dtype=np.int64) for s, c in counts.items()}
         all_h = np.concatenate(hashes)
         if np.unique(all_h).size != all_h.size:
-            raise TraceValidationError(f"{trace_dir}: two rows share one id (an id is a content address, so two "
-                                       "trace sets were mixed or a shard was copied); remove the extra copy "
-                                       "(or re-collect into an empty folder)")
+            raise TraceValidationError(f"{trace_dir}: two rows have the same id: {DUPLICATE_HINT}")
         return index
 
     def read_unit(self, u: int, *, vocab_size: int | None, k_max: int) -> pa.Table:
