@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.optim.lr_scheduler import LambdaLR
 
 from bitnet_kde.losses import DistillationLoss, LossConfig, ProjectedLogits
 from bitnet_kde.model import BitNetConfig, BitNetLM
 from bitnet_kde.model.sizing import measure_flops_per_token
+from bitnet_kde.training.fsdp import shard_student
 
 LOGGED = ("kd", "ce", "format", "top1_agree")
 TERMS = ("kd", "ce", "format")
@@ -68,6 +70,14 @@ class DistillationModule(pl.LightningModule):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
+
+    def configure_model(self) -> None:
+        # Under ModelParallelStrategy (trainer=fsdp) only; once (fit, then validate, call it again).
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):
+            return
+        strategy = self.trainer.strategy
+        shard_student(self.model, self.device_mesh["data_parallel"],
+                      activation_checkpointing=getattr(strategy, "activation_checkpointing", False))
 
     def setup(self, stage: str) -> None:
         # FLOPs of one forward+backward token, counted once on the meta device (no memory, no
