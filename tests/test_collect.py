@@ -190,8 +190,8 @@ def test_datamodule_over_collected_traces_builds_the_format_mask(teacher, tmp_pa
     dm.setup()
     pieces = dm.piece_table
     assert len(pieces) == 49152 and pieces[teacher.tokenizer.convert_tokens_to_ids("{")] == "{"
-    ds = dm.train_set
-    for i in range(len(ds)):
-        a, b = ds.row_off[i] + ds.completion_start[i], ds.row_off[i + 1]
-        expected = token_format_mask([pieces[t] for t in ds.tokens[a:b]])
-        assert ds.format_targets[a:b].tolist() == expected.tolist()
+    for batch in dm.train_dataloader():
+        for ids, loss, fmt in zip(batch["input_ids"], batch["loss_mask"], batch["format_mask"]):
+            completion = ids[1:][loss[:-1]].tolist()  # the tokens the loss positions predict, in order
+            expected = token_format_mask([pieces[t] for t in completion])
+            assert fmt[loss].tolist() == expected.tolist()

@@ -57,7 +57,8 @@ def test_dataset_format_mask_targets_structural_completion_tokens(tmp_path):
     write_trace_shard(rows, tmp_path / "kd.parquet", meta)
     dm = KDTraceDataModule(str(tmp_path), vocab_size=128, num_workers=0, val_fraction=0.5, piece_table=pieces)
     dm.setup()
-    item = dm.train_set[0]
+    batch = next(iter(dm.train_dataloader()))  # every row is the same sequence
+    item = {"format_mask": batch["format_mask"][0, :n]}
     # Targets are ids[t+1]; structural completion chars: { " a " : }  (not 'o', 'k', ' ', '1')
     text = prompt + completion
     expected = [t + 1 >= len(prompt) and text[t + 1] in '{"a:}' for t in range(n - 1)] + [False]
@@ -66,4 +67,4 @@ def test_dataset_format_mask_targets_structural_completion_tokens(tmp_path):
     # without a piece table there are no format positions
     plain = KDTraceDataModule(str(tmp_path), vocab_size=128, num_workers=0, val_fraction=0.5)
     plain.setup()
-    assert not plain.train_set[0]["format_mask"].any()
+    assert not next(iter(plain.train_dataloader()))["format_mask"].any()
