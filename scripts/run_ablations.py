@@ -129,9 +129,10 @@ def step_seconds(ablations: dict[str, Ablation], root: Path, train_args: list[st
 
 
 def budget_args(name: str, a: Ablation, budget_s: float, step_s: float) -> list[str]:
-    """`trainer.max_steps` for `budget_s` of training (and half of it as quantization warm-up for a warm start)."""
+    """`trainer.max_steps` for `budget_s` of training, validated (and checkpointed) at the last step, and
+    half of it as quantization warm-up for a warm start."""
     steps = max(2, round(budget_s / step_s))
-    args = [f"trainer.max_steps={steps}"]
+    args = [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}"]
     if "experiment=warmstart" in a.train:
         args.append(f"optim.quant_warmup_steps={steps // 2}")
     return args
