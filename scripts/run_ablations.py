@@ -97,9 +97,9 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def step_seconds(ablations: dict[str, Ablation], root: Path, train_args: list[str], steps: int = 6) -> dict:
+def step_seconds(ablations: dict[str, Ablation], root: Path, train_args: list[str], steps: int = 3) -> dict:
     """Seconds per training step of each trained ablation: forward, loss, backward and AdamW on the
-    same real trace batches, back to back in this process (after two untimed steps each)."""
+    same real trace batches, back to back in this process (after one untimed step each)."""
     timed = {}
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         for name, a in ablations.items():
@@ -115,13 +115,13 @@ def step_seconds(ablations: dict[str, Ablation], root: Path, train_args: list[st
             loss_fn = DistillationLoss(LossConfig(**OmegaConf.to_container(cfg.loss, resolve=True)))
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             seconds = []
-            for i in range(steps + 2):
+            for i in range(steps + 1):
                 batch = next(batches)
                 t = time.perf_counter()
                 loss_fn(model(batch["input_ids"]), batch)["loss"].backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                if i >= 2:
+                if i >= 1:
                     seconds.append(time.perf_counter() - t)
             timed[name] = sum(seconds) / len(seconds)
             print(f"{name}: {timed[name]:.2f} s/step (load {load()})", flush=True)
@@ -192,7 +192,7 @@ def table(set_name: str, reports: list[dict], command: str) -> str:
         "",
         f"- command: `{command}`",
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d')}; machine: {describe(first['machine'])}",
-        f"- student: {_model(first)}; teacher: {first['teacher']['name']}",
+        f"- {_students(reports)}; teacher: {first['teacher']['name']}",
         f"- eval data: trace set `{first['data']['trace_set']}`, {first['data']['rows']} held-out prompts "
         f"({', '.join(f'{k} {v}' for k, v in sorted(first['data']['rows_per_category'].items()))})",
         f"- QEI quality metric: `{first['qei']['quality_metric']}`; teacher tokens/s "
@@ -247,6 +247,14 @@ def _model(r: dict) -> str:
     c = r["student"]["config"]
     return (f"d_model {c['d_model']}, {c['n_layers']} layers, vocab {c['vocab_size']} "
             f"({r['student']['parameters'] / 1e6:.1f}M parameters)")
+
+
+def _students(reports: list[dict]) -> str:
+    """`student: <shape>` when every run trains the same one, else each run's shape."""
+    shapes = {r["ablation"]["name"]: _model(r) for r in reports}
+    if len(set(shapes.values())) == 1:
+        return f"student: {next(iter(shapes.values()))}"
+    return "students: " + "; ".join(f"{name} {shape}" for name, shape in shapes.items())
 
 
 def write_section(out: Path, set_name: str, section: str) -> None:
