@@ -276,6 +276,9 @@ def main() -> None:
     p.add_argument("--eval", nargs="*", default=[], help="extra Hydra overrides for every eval.py run")
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="equal training time per run, as steps from measured step times (see above)")
+    p.add_argument("--step-seconds", default=None,
+                   help="step times measured earlier, e.g. scratch=21.5,warmstart=48.8 (then nothing is timed): "
+                        "runs of one budget split over several processes")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from existing reports")
     p.add_argument("--skip-train", action="store_true", help="re-evaluate the existing checkpoints only")
@@ -288,7 +291,9 @@ def main() -> None:
     root = args.root.resolve()
     budgets: dict[str, dict] = {}
     if args.budget_seconds and not (args.table_only or args.skip_train):
-        timed = step_seconds({n: ablations[n] for n in names}, root, args.train)
+        timed = {k: float(v) for k, v in (kv.split("=") for kv in args.step_seconds.split(","))
+                 if k in names} if args.step_seconds else step_seconds({n: ablations[n] for n in names}, root,
+                                                                        args.train)
         budgets = {n: {"seconds": args.budget_seconds, "step_seconds": s,
                        "args": budget_args(n, ablations[n], args.budget_seconds, s),
                        "steps": max(2, round(args.budget_seconds / s))} for n, s in timed.items()}
