@@ -3,7 +3,9 @@
 A training checkpoint is the file Lightning writes for `train.py` (`last.ckpt`), local or on any
 store `bitnet_kde.storage` reaches. It is read with `torch.load(weights_only=True)`, without
 Lightning: the student is rebuilt from the saved `model` hyper-parameter, as `DistillationModule`
-builds it, and gets the `model.`-prefixed tensors of its state dict and the saved activation mode.
+builds it, and gets the `model.`-prefixed tensors of its state dict, the saved activation mode and
+the saved quantization warm-up blend. A warm-started run saves its student's resolved shape
+there, so the pretrained source is never read again.
 
 A checkpoint is a pickle, and a pickle can run code when it is read. The weights-only unpickler
 allows only tensors and plain containers, so a file holding anything else is refused, never
@@ -21,6 +23,7 @@ import torch
 from bitnet_kde import storage
 from bitnet_kde.export.native import is_export_dir, load_packed
 from bitnet_kde.model import BitNetConfig, BitNetLM
+from bitnet_kde.model.pretrained import split_spec
 
 STUDENT_PREFIX = "model."
 """Where `DistillationModule` keeps the student, so where its tensors sit in the state dict."""
@@ -38,7 +41,8 @@ def load_student(path: str | os.PathLike, map_location: str | torch.device = "cp
     """The student of a training checkpoint or of a packed export directory, in eval mode.
 
     Either way the model comes back in its saved activation mode (A8 or A4). From a checkpoint
-    it is the training form (fp32 latent weights); from an export it is the packed form.
+    it is the training form (fp32 latent weights) with its saved warm-up blend (`quant_lambda`,
+    1 when the checkpoint predates it); from an export it is the packed form.
     """
     if is_export_dir(path):
         return load_packed(path, map_location=map_location)
@@ -51,8 +55,13 @@ def load_student(path: str | os.PathLike, map_location: str | torch.device = "cp
     spec = checkpoint.get("hyper_parameters", {}).get("model")
     if spec is None:
         raise ValueError(f"{path}: not a bitnet-kde training checkpoint (no 'model' hyper-parameter)")
+    spec, init = split_spec(spec)
+    if init["init_from"]:
+        raise ValueError(f"{path}: its 'model' hyper-parameter names a warm-start source instead of the student's "
+                         "shape; it was not written by DistillationModule")
     model = BitNetLM(BitNetConfig.from_spec(spec))
     state = {k[len(STUDENT_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
     model.load_state_dict(state)
     model.set_activation_bits(int(checkpoint.get("activation_bits", 8)))
+    model.set_quant_lambda(float(checkpoint.get("quant_lambda", 1.0)))
     return model.to(map_location).eval()

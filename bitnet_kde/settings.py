@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from bitnet_kde.model import BitNetConfig
+from bitnet_kde.model.pretrained import split_spec
 
 __all__ = ["RULES", "SettingsError", "check"]
 
@@ -182,7 +183,7 @@ def _model_max_seq_len(cfg: DictConfig) -> int | None:
     if not isinstance(spec, dict) or "name" not in spec:
         return None
     try:
-        return BitNetConfig.from_spec(spec).max_seq_len
+        return BitNetConfig.from_spec(split_spec(spec)[0]).max_seq_len
     except (TypeError, ValueError) as e:
         raise SettingsError(f"invalid setting model: {e}") from None
 
@@ -202,9 +203,29 @@ def _cross_checks(cfg: DictConfig) -> None:
     if betas is not _MISSING and not (isinstance(betas, list) and len(betas) == 2
                                       and all(_is_number(b, False) and 0 <= b < 1 for b in betas)):
         raise _refuse("optim.betas", betas, "two numbers in [0, 1)")
+    _check_warm_start(cfg)
     bits = _value(cfg, "activation_bits")
     if bits not in (_MISSING, None, 4, 8):
         raise _refuse("activation_bits", bits, "4 or 8, or null (the checkpoint's mode)")
+
+
+def _check_warm_start(cfg: DictConfig) -> None:
+    """The warm-start keys' types, and a warm-up that ends inside the run (eval refuses a student
+    that is not fully ternary). The source's depth bounds `init_layers` when it is loaded."""
+    source, layers = _value(cfg, "model.init_from"), _value(cfg, "model.init_layers")
+    if source not in (_MISSING, None) and not (isinstance(source, str) and source):
+        raise _refuse("model.init_from", source, "a Hugging Face folder, a .gguf file or 'teacher', or null")
+    stride = _is_number(layers, True) and layers >= 1
+    listed = isinstance(layers, list) and layers and all(_is_number(i, True) and i >= 0 for i in layers)
+    if layers not in (_MISSING, None) and not (stride or listed):
+        raise _refuse("model.init_layers", layers, "an integer stride >= 1, a list of block indices >= 0, or null "
+                      "(every block)")
+    if layers not in (_MISSING, None) and source in (_MISSING, None):
+        raise _refuse("model.init_layers", layers, "null without model.init_from (there are no source blocks)")
+    warmup, steps = _value(cfg, "optim.quant_warmup_steps"), _value(cfg, "trainer.max_steps")
+    if _is_number(warmup, True) and _is_number(steps, True) and warmup > 0 and steps > 0 and warmup >= steps:
+        raise _refuse("optim.quant_warmup_steps", warmup, f"< trainer.max_steps ({steps}) so the run ends fully "
+                      "ternary")
 
 
 def check(cfg: DictConfig, *, exit_on_error: bool = False) -> None:

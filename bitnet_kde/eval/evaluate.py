@@ -7,7 +7,10 @@ Steps, each reported in `reports/evaluation.json`:
    reused afterwards (content-addressed, in their own folder).
 2. **Token quality** on the teacher's text: KL(teacher || student) over Top-K+Other, top-1
    agreement, student perplexity. The student runs in the activation mode saved in its
-   checkpoint (A8 or A4) unless `activation_bits` overrides it.
+   checkpoint (A8 or A4) unless `activation_bits` overrides it. A checkpoint saved before its
+   quantization warm-up reached lambda = 1 is refused: blended weights would flatter it. The
+   pretrained source of a warm start can be evaluated as is (`+init_from=<source>`, full
+   precision, no SubLN): the ceiling a warm-started student is measured against.
 3. **Answer quality** from greedy, KV-cached student generations: JSON validity on `json`
    prompts (teacher's own rate alongside), exact match with the teacher's greedy answer on
    short-answer prompts.
@@ -47,6 +50,7 @@ from bitnet_kde.model import BitNetLM, PackedBitLinear
 from bitnet_kde.model.packed import packed_copy
 from bitnet_kde.runinfo import run_info
 from bitnet_kde.teachers.base import SamplingConfig, TeacherFailure
+from bitnet_kde.training.warmstart import from_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "created_at": info["created_at"],
         "checkpoint": ckpt,
         "student": {"config": student.cfg.to_dict(), "activation_bits": student.activation_bits,
+                    "quant_lambda": student.quant_lambda if student.cfg.quantize else None,
                     "parameters": student.num_parameters()},
         "teacher": teacher_info,
         "data": data_section(cfg, data),
@@ -113,9 +118,16 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def load_eval_student(cfg: DictConfig) -> tuple[str, BitNetLM]:
-    """The checkpoint named by `ckpt_path` (else the newest run's), in its saved or forced A-mode."""
+    """The checkpoint named by `ckpt_path` (else the newest run's), in its saved or forced A-mode;
+    or, with `init_from`, that pretrained source in full precision."""
+    source = cfg.get("init_from")
+    if source:
+        return f"init_from={source} (full precision)", from_pretrained(source, subln=False, quantize=False).eval()
     ckpt = str(cfg.ckpt_path or find_checkpoint(cfg.paths.log_dir))  # a str: may be a storage URL
     student = load_student(ckpt)
+    if student.quant_lambda < 1.0:
+        raise ValueError(f"{ckpt}: saved at quantization warm-up lambda={student.quant_lambda:.3f}, not fully "
+                         "ternary: its figures would flatter it; train past optim.quant_warmup_steps")
     if cfg.activation_bits:
         student.set_activation_bits(int(cfg.activation_bits))
     log.info("student %s (A%d) from %s", student.cfg.d_model, student.activation_bits, ckpt)
@@ -170,7 +182,10 @@ def token_metrics(student: BitNetLM, data: HeldOut, batch_size: int) -> dict[str
 
 
 def pack_for_inference(student: BitNetLM) -> BitNetLM:
-    """A packed copy of the student whose layers keep their unpacked weight after first use."""
+    """A packed copy of the student whose layers keep their unpacked weight after first use
+    (a dense model, such as a pretrained source, runs as it is)."""
+    if not student.cfg.quantize:
+        return student
     packed = student if student.is_packed else packed_copy(student)
     for m in packed.modules():
         if isinstance(m, PackedBitLinear):

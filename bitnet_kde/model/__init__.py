@@ -11,6 +11,7 @@ from bitnet_kde.model.bitnet import (
     bitnet_mini,
     bitnet_tiny,
 )
+from bitnet_kde.model.pretrained import PretrainedError, from_llama
 
 __all__ = ["PRESETS", "BitLinear", "BitNetConfig", "BitNetLM", "KVCache", "PackedBitLinear", "bitnet_7b",
-           "bitnet_mini", "bitnet_tiny"]
+           "PretrainedError", "bitnet_mini", "bitnet_tiny", "from_llama"]

@@ -73,6 +73,8 @@ class BitNetConfig:
     """Gate activation: `relu2` (squared ReLU, BitNet b1.58) or `swiglu` (SiLU, LLaMA)."""
     tie_embeddings: bool = True
     """Share the embedding matrix with the LM head."""
+    subln: bool = True
+    """SubLN: an RMSNorm before the attention output and FFN down projections (off: those are identity)."""
     quantize: bool = True
     """Quantize BitLinear weights and activations. False gives the dense baseline of the same shape."""
     activation_bits: int = 8
@@ -318,7 +320,7 @@ class Attention(nn.Module):
         self.q_proj = lin(cfg.d_model, cfg.n_heads * cfg.head_dim)
         self.k_proj = lin(cfg.d_model, cfg.n_kv_heads * cfg.head_dim)
         self.v_proj = lin(cfg.d_model, cfg.n_kv_heads * cfg.head_dim)
-        self.sub_norm = RMSNorm(cfg.d_model, cfg.norm_eps)  # SubLN
+        self.sub_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.subln else nn.Identity()
         self.o_proj = lin(cfg.n_heads * cfg.head_dim, cfg.d_model)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -350,7 +352,7 @@ class FeedForward(nn.Module):
         lin = _bitlinear_factory(cfg)
         self.gate_proj = lin(cfg.d_model, cfg.ffn_dim)
         self.up_proj = lin(cfg.d_model, cfg.ffn_dim)
-        self.sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps)  # SubLN
+        self.sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps) if cfg.subln else nn.Identity()
         self.down_proj = lin(cfg.ffn_dim, cfg.d_model)
         self.act = cfg.ffn_act
 
@@ -426,6 +428,11 @@ class BitNetLM(nn.Module):
         """Warm-up blend for every BitLinear: 0 = full precision, 1 = fully quantized."""
         for m in self.bitlinears():
             m.quant_lambda = float(min(max(lam, 0.0), 1.0))
+
+    @property
+    def quant_lambda(self) -> float:
+        """The warm-up blend in use: the smallest over the BitLinear layers (1 = fully quantized)."""
+        return min((m.quant_lambda for m in self.bitlinears()), default=1.0)
 
     def bitlinears(self):
         """Every quantized linear layer, in training (`BitLinear`) or packed form."""

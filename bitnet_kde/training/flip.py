@@ -81,7 +81,9 @@ class ActivationFlip(pl.Callback):
         # An optimizer step ran in this batch iff global_step moved: with accumulate_grad_batches > 1
         # the earlier micro-batches of a step must not flip, or one step would mix A8 and A4 gradients.
         step_boundary = trainer.global_step > self._step_at_batch_start
-        if self.enabled and not self.flipped and step_boundary and self.tokens_seen >= self.flip_at_tokens:
+        fully_ternary = pl_module.model.quant_lambda >= 1.0
+        if self.enabled and not self.flipped and step_boundary and fully_ternary \
+                and self.tokens_seen >= self.flip_at_tokens:
             pl_module.model.set_activation_bits(4)
             self.flipped = True
             self.flip_step = trainer.global_step

@@ -12,8 +12,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from bitnet_kde.losses import DistillationLoss, LossConfig, ProjectedLogits
 from bitnet_kde.model import BitNetConfig, BitNetLM
+from bitnet_kde.model.pretrained import split_spec
 from bitnet_kde.model.sizing import measure_flops_per_token
 from bitnet_kde.training.fsdp import shard_student
+from bitnet_kde.training.warmstart import check_tokenizer, warm_start
 
 LOGGED = ("kd", "ce", "format", "top1_agree")
 TERMS = ("kd", "ce", "format")
@@ -30,6 +32,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def quant_lambda(step: int, warmup_steps: int) -> float:
+    """Quantization blend at an optimizer step: linear from 0 at step 0 to 1 at `warmup_steps`, then 1."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
 
 
 @dataclass
@@ -49,14 +56,18 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """Final LR of the cosine decay, as a fraction of `lr`."""
     quant_warmup_steps: int = 0
-    """Steps over which quantization blends in from full precision (0 = quantized from step 0)."""
+    """Steps over which quantization blends in from full precision: lambda = step / quant_warmup_steps,
+    then 1 (0 = quantized from step 0). The A8 -> A4 flip waits for lambda = 1."""
 
 
 class DistillationModule(pl.LightningModule):
     """Student + losses + optimizer. Hydra passes plain dicts so checkpoints reload anywhere.
 
     Args:
-        model: `BitNetConfig.from_spec` mapping, e.g. `{"name": "mini", "vocab_size": 49152}`.
+        model: `BitNetConfig.from_spec` mapping, e.g. `{"name": "mini", "vocab_size": 49152}`; with
+            `init_from` (and `init_layers`) the student is warm-started from that pretrained model
+            (`bitnet_kde.training.warmstart`) and the saved `model` hyper-parameter becomes its
+            resolved shape, so checkpoints reload without the source.
         loss: `LossConfig` fields.
         optim: `OptimConfig` fields.
     """
@@ -64,7 +75,14 @@ class DistillationModule(pl.LightningModule):
     def __init__(self, model: dict, loss: dict | None = None, optim: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
-        self.model = BitNetLM(BitNetConfig.from_spec(model))
+        spec, init = split_spec(model)
+        self.warm_start: dict | None = None
+        if init["init_from"]:
+            self.model, self.warm_start = warm_start(spec, init["init_from"], init["init_layers"])
+            self.hparams["model"] = {"name": spec["name"], **self.model.cfg.to_dict()}
+            self.hparams["warm_start"] = self.warm_start
+        else:
+            self.model = BitNetLM(BitNetConfig.from_spec(spec))
         self.loss_fn = DistillationLoss(LossConfig(**(loss or {})))
         self.optim_cfg = OptimConfig(**(optim or {}))
 
@@ -80,6 +98,8 @@ class DistillationModule(pl.LightningModule):
                       activation_checkpointing=getattr(strategy, "activation_checkpointing", False))
 
     def setup(self, stage: str) -> None:
+        if self.warm_start is not None:
+            check_tokenizer(self.warm_start, self.trainer.datamodule)  # before the first step
         # FLOPs of one forward+backward token, counted once on the meta device (no memory, no
         # compute) at a typical length; ThroughputMonitor turns it into FLOP/s (and MFU on GPUs).
         self.flops_per_token = measure_flops_per_token(self.model.cfg, min(256, self.model.cfg.max_seq_len))
@@ -115,7 +135,9 @@ class DistillationModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         steps = self.optim_cfg.quant_warmup_steps
         if steps:
-            self.model.set_quant_lambda(self.global_step / steps)
+            lam = quant_lambda(self.global_step, steps)
+            self.model.set_quant_lambda(lam)
+            self.log("train/quant_lambda", lam, on_step=True, on_epoch=False)
         self.flops_per_batch = int(self.flops_per_token * batch["input_ids"].numel())
         return self._step(batch, "train", batch_idx)
 
@@ -139,8 +161,11 @@ class DistillationModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # The activation mode is part of the model's state: eval and export read it from here.
+    # So is the warm-up blend: eval refuses a student saved before it reached 1.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["activation_bits"] = self.model.activation_bits
+        checkpoint["quant_lambda"] = self.model.quant_lambda
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.model.set_activation_bits(int(checkpoint.get("activation_bits", 8)))
+        self.model.set_quant_lambda(float(checkpoint.get("quant_lambda", 1.0)))
