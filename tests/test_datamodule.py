@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from bitnet_kde.data.datamodule import KDTraceDataModule, TraceDataset, collate_traces, split_of
+from bitnet_kde.data import KDTraceDataModule, TraceDataset, collate_traces, split_of
 from bitnet_kde.kd.synthetic import BigramTraceSource
-from bitnet_kde.kd.traces import OTHER_FLOOR, list_shards, read_traces
+from bitnet_kde.kd.traces import OTHER_FLOOR, TraceValidationError, list_shards, read_traces
 
 VOCAB, K, N = 64, 5, 40
 PROMPT, COMPLETION = (2, 4), (8, 16)
@@ -29,6 +29,15 @@ def datamodule(trace_dir, source=None, **kw) -> KDTraceDataModule:
     args = dict(vocab_size=VOCAB, source=source, batch_size=4, num_workers=0, val_fraction=0.25, max_seq_len=64)
     args.update(kw)
     return KDTraceDataModule(str(trace_dir), **args)
+
+
+def served(loader) -> list[str]:
+    """Row ids of one pass over a loader, in order."""
+    return [i for b in loader for i in b["ids"]]
+
+
+def split_ids(dm) -> tuple[list[str], list[str]]:
+    return served(dm.train_dataloader()), served(dm.val_dataloader())
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +199,8 @@ def test_changed_source_in_same_dir_trains_only_on_new_traces(tmp_path):
     assert new.is_complete(d)
     assert len(dm.train_set) + len(dm.val_set) == N
     new_ids = set(read_traces(d).column("id").to_pylist())
-    assert set(dm.train_set.ids) | set(dm.val_set.ids) == new_ids
+    train, val = split_ids(dm)
+    assert set(train) | set(val) == new_ids
 
 
 # ----------------------------------------------------------------------------- split
@@ -199,17 +209,19 @@ def test_changed_source_in_same_dir_trains_only_on_new_traces(tmp_path):
 def test_split_by_id_hash(traces, table):
     dm = datamodule(traces)
     dm.setup("fit")
-    train, val = set(dm.train_set.ids), set(dm.val_set.ids)
+    train_order, val_order = split_ids(dm)
+    train, val = set(train_order), set(val_order)
     all_ids = set(table.column("id").to_pylist())
     assert train.isdisjoint(val)
     assert train | val == all_ids
-    assert len(dm.train_set.ids) == len(train) and len(dm.val_set.ids) == len(val)
+    assert len(train_order) == len(train) == len(dm.train_set) and len(val_order) == len(val) == len(dm.val_set)
     assert val == {i for i in all_ids if split_of(i, 0.25) == "val"}
     assert 0 < len(val) < N // 2  # roughly a quarter of 40
-    # a fresh datamodule gives the identical split, in the same order
+    # validation keeps file order; a fresh datamodule gives the identical split, in the same order
+    assert val_order == [i for i in table.column("id").to_pylist() if i in val]
     dm2 = datamodule(traces)
     dm2.setup("fit")
-    assert dm2.train_set.ids == dm.train_set.ids and dm2.val_set.ids == dm.val_set.ids
+    assert split_ids(dm2) == (train_order, val_order)
 
 
 def test_split_is_independent_of_shard_layout_and_order(traces, tmp_path):
@@ -225,8 +237,8 @@ def test_split_is_independent_of_shard_layout_and_order(traces, tmp_path):
     a, b = datamodule(traces), datamodule(other)
     a.setup()
     b.setup()
-    assert set(a.train_set.ids) == set(b.train_set.ids)
-    assert set(a.val_set.ids) == set(b.val_set.ids)
+    (a_train, a_val), (b_train, b_val) = split_ids(a), split_ids(b)
+    assert set(a_train) == set(b_train) and set(a_val) == set(b_val)
 
 
 def test_split_of_is_a_pure_function_of_id():
@@ -287,7 +299,7 @@ def test_batch_shapes_and_dtypes(traces):
                 "kd_valid": ((b, t), torch.bool), "format_mask": ((b, t), torch.bool),
                 "topk_ids": ((b, t, K), torch.long), "topk_logprobs": ((b, t, K), torch.float32),
                 "other_logprob": ((b, t), torch.float32)}
-    assert set(batch) == set(expected)
+    assert set(batch) == set(expected) | {"ids"} and len(batch["ids"]) == b
     for name, (shape, dtype) in expected.items():
         assert tuple(batch[name].shape) == shape, name
         assert batch[name].dtype == dtype, name
@@ -297,11 +309,11 @@ def test_val_batches_equal_table_rows(traces, rows_by_id):
     dm = datamodule(traces, val_batch_size=3)
     dm.setup("fit")
     seen = []
-    for batch in dm.val_dataloader():  # not shuffled: rows in val_set order
-        ids = dm.val_set.ids[len(seen):len(seen) + batch["input_ids"].shape[0]]
-        _check_batch_against_table(batch, ids, rows_by_id, max_seq_len=64)
-        seen += ids
-    assert seen == dm.val_set.ids
+    for batch in dm.val_dataloader():
+        assert len(batch["ids"]) <= 3
+        _check_batch_against_table(batch, batch["ids"], rows_by_id, max_seq_len=64)
+        seen += batch["ids"]
+    assert seen == [i for i in rows_by_id if split_of(i, 0.25) == "val"]  # file order
     # padding actually happened somewhere (rows have different lengths)
     assert len({len(rows_by_id[i]["input_ids"]) for i in seen}) > 1
 
@@ -322,29 +334,22 @@ def test_truncation_and_tokens_per_epoch(traces, rows_by_id):
     assert min(lens) < msl < max(lens)  # some rows are truncated, some are not
     dm = datamodule(traces, max_seq_len=msl, batch_size=5)
     dm.setup("fit")
-    assert dm.train_set.truncated + dm.val_set.truncated == sum(n > msl for n in lens)
+    assert dm.index.truncated == sum(n > msl for n in lens)
+    train = [i for i in rows_by_id if split_of(i, 0.25) == "train"]
     expected = sum(max(min(len(rows_by_id[i]["input_ids"]), msl) - rows_by_id[i]["completion_start"], 0)
-                   for i in dm.train_set.ids)
+                   for i in train)
     assert dm.train_tokens_per_epoch() == expected
-    # the loss-bearing positions served in one epoch are exactly that many
-    total, rows = 0, 0
+    # the loss-bearing positions served in one epoch are exactly that many, each row as in the table
+    total, seen = 0, []
     for batch in dm.train_dataloader():
         assert batch["input_ids"].shape[1] <= msl
+        _check_batch_against_table(batch, batch["ids"], rows_by_id, max_seq_len=msl)
         total += int(batch["loss_mask"].sum())
-        rows += batch["input_ids"].shape[0]
-    assert rows == len(dm.train_set)
+        seen += batch["ids"]
+    assert sorted(seen) == sorted(train)
     assert total == expected
-    for i in range(len(dm.train_set)):
-        item = dm.train_set[i]
-        r = rows_by_id[dm.train_set.ids[i]]
-        n = min(len(r["input_ids"]), msl)
-        assert item["input_ids"].tolist() == r["input_ids"][:n]
-        assert int(item["loss_mask"].sum()) == dm.train_set.loss_tokens(i) == max(n - r["completion_start"], 0)
-        if len(r["input_ids"]) > msl:  # the cut position still has a teacher, but nothing past it to predict
-            assert item["kd_valid"][n - 1] == False  # noqa: E712
-            assert item["loss_mask"][n - 1] == False  # noqa: E712
     batch = next(iter(dm.val_dataloader()))
-    _check_batch_against_table(batch, dm.val_set.ids[:batch["input_ids"].shape[0]], rows_by_id, max_seq_len=msl)
+    _check_batch_against_table(batch, batch["ids"], rows_by_id, max_seq_len=msl)
 
 
 def test_truncation_before_completion_leaves_no_loss(traces, rows_by_id):
@@ -366,11 +371,10 @@ def test_setup_is_idempotent(traces):
 
 
 def test_vocab_and_k_max_are_checked_on_setup(traces):
-    from bitnet_kde.kd.traces import TraceValidationError
-
-    with pytest.raises(TraceValidationError, match="outside \\[0, 10\\)"):
+    # from the footers' metadata when the run starts, before any row group is streamed
+    with pytest.raises(TraceValidationError, match="vocabulary of 64 ids.*vocab_size=10"):
         datamodule(traces, vocab_size=10).setup()
-    with pytest.raises(TraceValidationError, match="K_max=4"):
+    with pytest.raises(TraceValidationError, match="K=5 candidates.*data.k_max=4"):
         datamodule(traces, k_max=4).setup()
 
 

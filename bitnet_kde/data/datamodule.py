@@ -1,10 +1,14 @@
-"""LightningDataModule over KD trace shards (Parquet schema v1).
+"""LightningDataModule over KD trace shards (Parquet schema v1), streamed one row group at a time.
 
-Rows are validated once on load (`read_traces`), their metadata compared with the run (vocabulary
-size, student tokenizer, K), split into train/val by a hash of their `id` (stable across runs,
-shard layouts and machines), and served as right-padded batches.
-Batch tensors, all [B, T] unless noted:
+The folder is scanned once when the run starts (`TraceIndex.scan`: manifest sha256 and row
+counts, schema, metadata compared with the run: vocabulary size, student tokenizer, K); rows are
+split into train/val by a hash of their `id` (stable across runs, shard layouts and machines) and
+streamed (`TraceStream`: each row group validated as it is read) as right-padded batches through
+a `StatefulDataLoader`, whose position Lightning keeps in the checkpoint, so a resumed run
+continues with exactly the batches the interrupted one would have seen.
+Batch entries, tensors [B, T] unless noted:
 
+- `ids`            the row ids (list of B strings)
 - `input_ids`      student token ids (padding: 0)
 - `loss_mask`      position t predicts a completion token t+1 (never padding or prompt)
 - `kd_valid`       the teacher distribution at t applies (and t is not padding)
@@ -16,32 +20,28 @@ Batch tensors, all [B, T] unless noted:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import lightning.pytorch as pl
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from bitnet_kde import storage
 from bitnet_kde.data.format_mask import token_format_mask
-from bitnet_kde.kd.traces import (TraceSource, check_run_match, list_offsets, list_shards, read_traces,
-                                   table_metadata)
+from bitnet_kde.data.stream import TraceIndex, TraceStream, split_of
+from bitnet_kde.kd.traces import TraceSource, check_run_match, list_offsets, list_shards
 
 log = logging.getLogger(__name__)
 
 
 class DataConfigError(ValueError):
     """Data settings that cannot work together (one line, naming the keys)."""
-
-
-def split_of(row_id: str, val_fraction: float) -> str:
-    """'val' or 'train' from a hash of the row id, so the split never depends on file order."""
-    h = int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "big") / 2**64
-    return "val" if h < val_fraction else "train"
 
 
 class TraceDataset(Dataset):
@@ -118,8 +118,27 @@ class TraceDataset(Dataset):
         }
 
 
-def collate_traces(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Right-pad a list of `TraceDataset` items into a batch (see the module docstring)."""
+@dataclass
+class SplitRows:
+    """`pa.Table -> TraceDataset` of the rows of one split (what a `TraceStream` serves of a row group)."""
+
+    split: str
+    """"train" or "val"."""
+    val_fraction: float
+    """Share of rows (by id hash) held out for validation."""
+    max_seq_len: int
+    """Longer rows are truncated."""
+    piece_table: Sequence[str] | None
+    """Text of each student token id (format mask), or None."""
+
+    def __call__(self, table: pa.Table) -> TraceDataset:
+        keep = [split_of(i, self.val_fraction) == self.split for i in table.column("id").to_pylist()]
+        return TraceDataset(table.filter(pa.array(keep, pa.bool_())), self.max_seq_len, self.piece_table)
+
+
+def collate_traces(rows: list[dict]) -> dict:
+    """Right-pad a list of `TraceDataset` items into a batch (see the module docstring); items
+    with an `id` (as `TraceStream` serves them) give the batch its `ids`."""
     t = max(len(r["input_ids"]) for r in rows)
     k = max(r["topk_ids"].shape[1] for r in rows)
     b = len(rows)
@@ -138,6 +157,8 @@ def collate_traces(rows: list[dict]) -> dict[str, torch.Tensor]:
             out[name][i, :n] = torch.from_numpy(r[name])
         out["topk_ids"][i, :n, :kk] = torch.from_numpy(r["topk_ids"])
         out["topk_logprobs"][i, :n, :kk] = torch.from_numpy(r["topk_logprobs"])
+    if all("id" in r for r in rows):
+        out["ids"] = [r["id"] for r in rows]
     return out
 
 
@@ -158,11 +179,16 @@ class KDTraceDataModule(pl.LightningDataModule):
         val_fraction: share of rows (by id hash) held out for validation.
         piece_table: text of each student token id, enabling the format mask (JSON structure);
             taken from `source.piece_table()` when not given (None from sources whose ids are no text).
+        shuffle_seed: the training order of epoch e is a pure function of (shuffle_seed, e).
+        verify_sha256: hash every shard against its manifest entry when the run starts (one read of
+            the trace set per rank); False skips only that (page checksums and footers are still
+            checked), for very large sets on remote stores.
     """
 
     def __init__(self, trace_dir: str, vocab_size: int, source: TraceSource | None = None, max_seq_len: int = 512,
                  k_max: int = 128, batch_size: int = 16, val_batch_size: int | None = None, val_fraction: float = 0.1,
-                 num_workers: int = 2, pin_memory: bool = False, piece_table: Sequence[str] | None = None):
+                 num_workers: int = 2, pin_memory: bool = False, piece_table: Sequence[str] | None = None,
+                 shuffle_seed: int = 0, verify_sha256: bool = True):
         super().__init__()
         if isinstance(source, Mapping):
             # e.g. experiment=smoke (which sizes data=synthetic's source) with data=parquet
@@ -176,8 +202,10 @@ class KDTraceDataModule(pl.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_fraction, self.num_workers, self.pin_memory = val_fraction, num_workers, pin_memory
         self.piece_table = piece_table
-        self.train_set: TraceDataset | None = None
-        self.val_set: TraceDataset | None = None
+        self.shuffle_seed, self.verify_sha256 = shuffle_seed, verify_sha256
+        self.index: TraceIndex | None = None
+        self.train_set: TraceStream | None = None
+        self.val_set: TraceStream | None = None
 
     def prepare_data(self) -> None:
         if self.source is not None:
@@ -195,36 +223,43 @@ class KDTraceDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        table = read_traces(self.trace_dir, vocab_size=self.vocab_size, k_max=self.k_max)
-        check_run_match(table_metadata(table), self.trace_dir, vocab_size=self.vocab_size, k_max=self.k_max,
+        index = TraceIndex.scan(self.trace_dir, val_fraction=self.val_fraction, max_seq_len=self.max_seq_len,
+                                vocab_size=self.vocab_size, k_max=self.k_max, verify_sha256=self.verify_sha256)
+        check_run_match(index.metadata, self.trace_dir, vocab_size=self.vocab_size, k_max=self.k_max,
                         tokenizer_hash=self.source.tokenizer_hash if self.source is not None else None)
         if self.piece_table is None and self.source is not None:
             self.piece_table = self.source.piece_table()  # the student tokenizer's token texts
-        split = np.array([split_of(i, self.val_fraction) for i in table.column("id").to_pylist()])
-        self.train_set = TraceDataset(table.filter(pa.array(split == "train")), self.max_seq_len, self.piece_table)
-        self.val_set = TraceDataset(table.filter(pa.array(split == "val")), self.max_seq_len, self.piece_table)
-        if not len(self.train_set) or not len(self.val_set):
+        n_train, n_val = (int(index.rows[s].sum()) for s in ("train", "val"))
+        if not n_train or not n_val:
             raise ValueError(
-                f"{self.trace_dir}: {table.num_rows} rows give {len(self.train_set)} train / "
-                f"{len(self.val_set)} val rows with val_fraction={self.val_fraction}; both need at least one"
-            )
-        truncated = self.train_set.truncated + self.val_set.truncated
-        if truncated:
+                f"{self.trace_dir}: {n_train + n_val} rows give {n_train} train / {n_val} val rows with "
+                f"val_fraction={self.val_fraction}; both need at least one")
+        if index.truncated:
             log.warning("%d of %d rows are longer than max_seq_len=%d and were truncated",
-                        truncated, table.num_rows, self.max_seq_len)
+                        index.truncated, n_train + n_val, self.max_seq_len)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        read = partial(index.read_unit, vocab_size=self.vocab_size, k_max=self.k_max)
+
+        def stream(split, batch_size, shuffle):
+            rows = SplitRows(split, self.val_fraction, self.max_seq_len, self.piece_table)
+            return TraceStream(index, split, batch_size=batch_size, shuffle=shuffle, seed=self.shuffle_seed,
+                               rank=rank, world_size=world, read=read, make_rows=rows)
+
+        self.index = index
+        self.train_set = stream("train", self.batch_size, True)
+        self.val_set = stream("val", self.val_batch_size, False)
 
     def train_tokens_per_epoch(self) -> int:
         """Loss-bearing tokens in one pass over the training split (for the flip budget)."""
-        assert self.train_set is not None, "call setup() first"
-        return sum(self.train_set.loss_tokens(i) for i in range(len(self.train_set)))
+        assert self.index is not None, "call setup() first"
+        return int(self.index.loss_tokens["train"].sum())
 
-    def _loader(self, ds, batch_size, shuffle):
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_traces,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+    def _loader(self, ds, batch_size):
+        return StatefulDataLoader(ds, batch_size=batch_size, collate_fn=collate_traces, num_workers=self.num_workers,
+                                  pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self):
-        return self._loader(self.train_set, self.batch_size, True)
+        return self._loader(self.train_set, self.batch_size)
 
     def val_dataloader(self):
-        return self._loader(self.val_set, self.val_batch_size, False)
+        return self._loader(self.val_set, self.val_batch_size)

@@ -69,6 +69,18 @@ class DistillationModule(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
 
+    def configure_model(self) -> None:
+        # Under ModelParallelStrategy (trainer=fsdp): FSDP2 shards each block on its own, so only one
+        # block's full weights exist at a time, then the root (embedding, tied head, final norm).
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        mesh = self.device_mesh
+        if mesh is None or isinstance(self.model, FSDPModule):  # not sharding, or sharded already
+            return
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self.model, mesh=mesh["data_parallel"])
+
     def setup(self, stage: str) -> None:
         # FLOPs of one forward+backward token, counted once on the meta device (no memory, no
         # compute) at a typical length; ThroughputMonitor turns it into FLOP/s (and MFU on GPUs).

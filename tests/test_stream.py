@@ -1,0 +1,104 @@
+"""Streamed traces: disjoint rank/worker slices, loader state round trip, and a shard that
+becomes unreadable mid-epoch."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from bitnet_kde.data import KDTraceDataModule, split_of
+from bitnet_kde.kd.synthetic import BigramTraceSource
+from bitnet_kde.kd.traces import TraceValidationError, list_shards, read_traces
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stream")
+    BigramTraceSource(vocab_size=VOCAB, k=5, num_sequences=90, prompt_len=(2, 4), completion_len=(8, 16),
+                      shard_rows=16).write(d)
+    return d
+
+
+def make(trace_dir, rank=0, world=1, **kw):
+    args = dict(vocab_size=VOCAB, batch_size=4, num_workers=2, val_fraction=0.25, max_seq_len=64, shuffle_seed=3)
+    args.update(kw)
+    dm = KDTraceDataModule(str(trace_dir), **args)
+    if world > 1:
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world)  # what setup reads of a trainer
+    dm.setup("fit")
+    return dm
+
+
+def epoch_ids(loader) -> list[list[str]]:
+    return [b["ids"] for b in loader]
+
+
+def test_two_ranks_with_two_workers_see_every_training_row_once_per_epoch(traces):
+    all_ids = read_traces(traces).column("id").to_pylist()
+    train = sorted(i for i in all_ids if split_of(i, 0.2) == "train")
+    assert len(train) % 2 == 0, "the fixture is sized for an even split (no padding)"
+    ranks = [make(traces, rank=r, world=2, val_fraction=0.2) for r in range(2)]
+    loaders = [dm.train_dataloader() for dm in ranks]
+    epochs = []
+    for _ in range(2):
+        per_rank = [epoch_ids(dl) for dl in loaders]
+        assert len(per_rank[0]) == len(per_rank[1]) == len(loaders[0])  # same number of steps on both ranks
+        seen = [i for batches in per_rank for b in batches for i in b]
+        assert sorted(seen) == train  # each row exactly once, over both ranks and their workers
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    # validation: each val row once over both ranks, never padded
+    val = [i for dm in ranks for b in dm.val_dataloader() for i in b["ids"]]
+    assert sorted(val) == sorted(i for i in all_ids if split_of(i, 0.2) == "val")
+
+
+def test_an_odd_split_is_padded_so_both_ranks_step_equally(traces):
+    train = [i for i in read_traces(traces).column("id").to_pylist() if split_of(i, 0.3) == "train"]
+    assert len(train) % 2 == 1
+    ranks = [make(traces, rank=r, world=2, val_fraction=0.3, batch_size=5) for r in range(2)]
+    per_rank = [[i for b in dm.train_dataloader() for i in b["ids"]] for dm in ranks]
+    assert len(per_rank[0]) == len(per_rank[1]) == (len(train) + 1) // 2
+    counts = Counter(per_rank[0] + per_rank[1])
+    assert set(counts) == set(train) and sorted(counts.values())[-2:] == [1, 2]  # one row wraps around
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_state_resumes_mid_epoch_with_the_same_batches(traces, workers):
+    dm = make(traces, num_workers=workers)
+    reference = dm.train_dataloader()
+    ref = epoch_ids(reference) + epoch_ids(reference)  # two epochs
+    n = len(ref) // 2
+    for stop in (3, n + 2):  # inside the first epoch, inside the second
+        loader = make(traces, num_workers=workers).train_dataloader()
+        got, it = [], iter(loader)
+        while len(got) < stop:
+            try:
+                got.append(next(it)["ids"])
+            except StopIteration:
+                it = iter(loader)
+        state = loader.state_dict()
+        resumed = make(traces, num_workers=workers).train_dataloader()
+        resumed.load_state_dict(state)
+        assert got == ref[:stop]
+        assert epoch_ids(resumed) == ref[stop:n if stop < n else 2 * n]  # the rest of that epoch
+
+
+def test_a_shard_truncated_mid_epoch_stops_naming_it(traces, tmp_path):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(traces, d)
+    dm = make(d, shuffle_seed=0)
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    next(it)  # the epoch has started: every worker has read its first row group
+    for shard in list_shards(d):
+        data = shard.read_bytes()
+        shard.write_bytes(data[:len(data) // 2])
+    with pytest.raises(TraceValidationError, match=r"kd-\w+-\d{5}\.parquet: not a readable Parquet file"):
+        for _ in it:
+            pass
