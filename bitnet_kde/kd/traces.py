@@ -104,8 +104,9 @@ def check_schema_version(path, meta: dict[str, str], schema: pa.Schema) -> None:
     if version == SAMPLED_SCHEMA_VERSION:
         for name in ("rs_ids", "rs_counts"):
             if name not in schema.names:
-                raise TraceValidationError(f"{path}: schema version 2 but no column '{name}' (sampled traces "
-                                           "hold rs_ids and rs_counts); re-collect it")
+                raise TraceValidationError(
+                    f"{path}: trace schema version {version!r} (metadata key '{META_PREFIX}schema_version') but no "
+                    f"column '{name}': sampled traces hold rs_ids and rs_counts; re-collect it")
 
 SUM_TOLERANCE = 1e-4
 """Allowed excess of sum(exp(topk_logprobs)) over 1 (float32 rounding of K terms)."""
