@@ -3,6 +3,8 @@
     python scripts/run_ablations.py                       # all four at the default scale
     python scripts/run_ablations.py --only kd,ce_only     # a subset
     python scripts/run_ablations.py --train trainer.max_steps=50 --eval speed.prompts=2
+    python scripts/run_ablations.py --sampled --steps 60   # bucket / renormalize / rs / hybrid at
+                                                           # equal trace bytes (scripts/sampled_ablation.py)
 
 Each ablation is `python train.py experiment=ablation_<name>` (configs/experiment/) followed by
 `python eval.py ckpt_path=<its last.ckpt>`. The teacher's tokens/s and weight bytes are measured
@@ -129,6 +131,12 @@ def _model(r: dict) -> str:
 
 
 def main() -> None:
+    if "--sampled" in sys.argv[1:]:  # its own measurement and its own section of RESULTS.md
+        import runpy
+
+        sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a != "--sampled")]
+        runpy.run_path(str(ROOT / "scripts" / "sampled_ablation.py"), run_name="__main__")
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=ROOT, help="paths.root of every run (traces are shared)")
     p.add_argument("--only", default=",".join(ABLATIONS), help="comma-separated subset of " + ", ".join(ABLATIONS))
