@@ -188,7 +188,7 @@ def kd_sampled_per_position(logits, rs_ids, rs_counts, mask, tau: float = 1.0, r
     if topk_ids is not None:
         olp = torch.where(mask, other_logprob.to(z.dtype), torch.zeros_like(other_logprob, dtype=z.dtype))
         scale = scale * olp.exp().unsqueeze(-1)
-    w, valid = _sampled_weights(torch.where(valid, counts, torch.zeros_like(counts)), rs_logq, valid, scale)
+    w, valid = _sampled_weights(counts, rs_logq, valid, scale)
     ids = torch.where(valid, rs_ids.long(), 0).clamp(0, vocab - 1)
     # Selected before the log so that empty slots put neither -inf nor NaN into value or gradient.
     w_safe = torch.where(valid, w, torch.ones_like(w))
