@@ -112,7 +112,7 @@ def main() -> None:
     t0 = time.perf_counter()
     teacher.generate(texts, SamplingConfig(max_new_tokens=args.max_new_tokens, top_k=1))
     raw_s = time.perf_counter() - t0
-    topk_dir, topk_s = collect(teacher, train_prompts, root / "topk", sampling, None)
+    _, topk_s = collect(teacher, train_prompts, root / "topk", sampling, None)
     rs_dir, rs_s = collect(teacher, train_prompts, root / "rs", sampling, {"n": args.n, "seed": args.seed})
     hy_dir, hy_s = collect(teacher, train_prompts, root / "hybrid", {**sampling, "top_k": args.k_head},
                            {"n": args.n_tail, "seed": args.seed, "hybrid": True})
@@ -145,18 +145,17 @@ def write_section(args, rows: list[dict], raw_s: float, root: Path) -> None:
     cmd = ("python scripts/run_ablations.py --sampled " + " ".join(
         f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("prompts", "held_out", "max_new_tokens", "k", "n",
                                                                  "k_head", "n_tail", "steps", "batch_size")))
-    lines = [SECTION, "",
-             f"Produced by `{cmd}` (`scripts/sampled_ablation.py`; "
+    intro = (f"Produced by `{cmd}` (`scripts/sampled_ablation.py`; "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}). Teacher SmolLM2-135M (local), student "
              f"`tiny` trained {args.steps} steps × {args.batch_size} rows from one seed on one batch order per "
              f"variant; {args.prompts} training prompts, {args.held_out} held-out `test` prompts, "
              f"{args.max_new_tokens} new tokens each. bucket / renormalize: Top-{args.k}; rs: N={args.n} draws; "
              f"hybrid: Top-{args.k_head} head + N={args.n_tail} tail draws. Bytes: stored (compressed) Parquet "
              "bytes of the columns the variant reads per KD-valid position; entries: ids stored per position. "
-             f"Collection overhead: collection time / plain generation of the same prompts ({raw_s:.1f} s).", "",
-             "| variant | full-vocab KL ↓ | bucket KL ↓ | top-1 ↑ | ECE ↓ | trace bytes/position | entries/position "
-             "| collection / generation |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Collection overhead: collection time / plain generation of the same prompts ({raw_s:.1f} s).")
+    header = ("| variant | full-vocab KL ↓ | bucket KL ↓ | top-1 ↑ | ECE ↓ | trace bytes/position | "
+              "entries/position | collection / generation |")
+    lines = [SECTION, "", intro, "", header, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['kl_full_vocab']:.3f} | {r['kl_bucket']:.3f} | {r['top1']:.3f} | "
                      f"{r['ece']:.3f} | {r['bytes']:.1f} | {r['entries']:.1f} | {r['collect_overhead']:.2f}× |")

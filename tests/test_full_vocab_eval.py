@@ -7,13 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_traces import VOCAB, meta, valid_rows
 
 from bitnet_kde.data.datamodule import TraceDataset
 from bitnet_kde.eval.evaluate import HeldOut, full_vocab_section
 from bitnet_kde.eval.metrics import CalibrationBins, full_vocab_kl, token_sums
 from bitnet_kde.kd.traces import read_traces, write_trace_shard
-
-from test_traces import VOCAB, meta, valid_rows
 
 
 def test_full_vocab_kl_matches_a_loop_and_ignores_masked_positions():

@@ -8,8 +8,14 @@ import math
 import pytest
 import torch
 
-from bitnet_kde.losses import (DistillationLoss, LossConfig, fused_distillation_loss, kd_hybrid_loss,
-                               kd_sampled_loss, kd_sampled_per_position)
+from bitnet_kde.losses import (
+    DistillationLoss,
+    LossConfig,
+    fused_distillation_loss,
+    kd_hybrid_loss,
+    kd_sampled_loss,
+    kd_sampled_per_position,
+)
 
 F64 = torch.float64
 
@@ -179,10 +185,10 @@ def module_batch(seed=3, V=11, T=6):
     B, K, S = 2, 3, 4
     logits, ids, counts, logq, kd_valid = dense_case(seed=seed, B=B, T=T, V=V, S=S)
     topk_lp = torch.log(torch.rand(B, T, K, generator=g, dtype=F64) * 0.3)
-    batch = dict(input_ids=torch.randint(0, V, (B, T), generator=g), loss_mask=torch.ones(B, T, dtype=torch.bool),
-                 kd_valid=kd_valid, format_mask=torch.zeros(B, T, dtype=torch.bool),
-                 topk_ids=torch.randint(0, V, (B, T, K), generator=g), topk_logprobs=topk_lp,
-                 other_logprob=torch.log1p(-topk_lp.exp().sum(-1)), rs_ids=ids, rs_counts=counts, rs_logq=logq)
+    batch = {"input_ids": torch.randint(0, V, (B, T), generator=g), "loss_mask": torch.ones(B, T, dtype=torch.bool),
+             "kd_valid": kd_valid, "format_mask": torch.zeros(B, T, dtype=torch.bool),
+             "topk_ids": torch.randint(0, V, (B, T, K), generator=g), "topk_logprobs": topk_lp,
+             "other_logprob": torch.log1p(-topk_lp.exp().sum(-1)), "rs_ids": ids, "rs_counts": counts, "rs_logq": logq}
     batch["loss_mask"][1, -1] = False
     return logits, batch
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_traces import VOCAB, meta, valid_rows
 
 from bitnet_kde.data.datamodule import TraceDataset, collate_traces
 from bitnet_kde.kd.collect import TraceCollector
@@ -16,8 +17,6 @@ from bitnet_kde.kd.traces import TraceValidationError, read_traces, write_trace_
 from bitnet_kde.losses import DistillationLoss, LossConfig, kd_sampled_loss
 from bitnet_kde.teachers import SampledTraceConfig, Teacher, TeacherError, TeacherSequence
 from bitnet_kde.teachers.local import draw_samples
-
-from test_traces import VOCAB, meta, valid_rows
 
 P = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
 

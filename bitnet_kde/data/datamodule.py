@@ -1,4 +1,5 @@
-"""LightningDataModule over KD trace shards (Parquet schema v1), streamed one row group at a time.
+"""LightningDataModule over KD trace shards (Parquet schema v1, or v2 with sampled tokens), streamed
+one row group at a time.
 
 The folder is scanned once when the run starts (`TraceIndex.scan`: manifest sha256 and row
 counts, schema, metadata compared with the run: vocabulary size, student tokenizer, K); rows are

@@ -1,5 +1,6 @@
-"""KD trace files: Parquet schema v1 and v2 (v1 + sampled-token columns), atomic shard writing and validating reads, and the
-conventions every trace writer and reader shares (see docs/TRACE_FORMAT.md).
+"""KD trace files: Parquet schema v1 and v2 (v1 + sampled-token columns), atomic shard writing
+and validating reads, and the conventions every trace writer and reader shares (see
+docs/TRACE_FORMAT.md).
 
 One row per teacher sequence. Every check on read names the file, the row (and its `id`),
 the field and what is wrong, because a bad trace must stop training with a message a user
