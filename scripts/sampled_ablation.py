@@ -141,6 +141,15 @@ def main() -> None:
     write_section(args, rows, raw_s, root)
 
 
+def winners(rows: list[dict]) -> str:
+    """Which variant is best on each figure, said plainly (ties share the place)."""
+    def best(key, lower=True):
+        top = (min if lower else max)(r[key] for r in rows)
+        return " = ".join(r["variant"] for r in rows if abs(r[key] - top) <= 5e-4 * max(abs(top), 1))
+    return (f"Best on this run: full-vocabulary KL {best('kl_full_vocab')}; bucket KL {best('kl_bucket')}; "
+            f"top-1 {best('top1', lower=False)}; ECE {best('ece')}; fewest trace bytes {best('bytes')}.")
+
+
 def write_section(args, rows: list[dict], raw_s: float, root: Path) -> None:
     cmd = ("python scripts/run_ablations.py --sampled " + " ".join(
         f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("prompts", "held_out", "max_new_tokens", "k", "n",
@@ -159,7 +168,7 @@ def write_section(args, rows: list[dict], raw_s: float, root: Path) -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['kl_full_vocab']:.3f} | {r['kl_bucket']:.3f} | {r['top1']:.3f} | "
                      f"{r['ece']:.3f} | {r['bytes']:.1f} | {r['entries']:.1f} | {r['collect_overhead']:.2f}× |")
-    lines.append("")
+    lines += ["", winners(rows), ""]
     section = "\n".join(lines)
     text = args.out.read_text() if args.out.exists() else "# Ablation results\n"
     pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.DOTALL)
