@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from datetime import datetime, timezone
@@ -104,6 +105,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = p.parse_args()
     root = args.root.resolve()
+    load_before = os.getloadavg()[0]
     teacher = LocalHFTeacher.smollm2(batch_size=16)
     train_prompts = {"split": ["train"], "limit": args.prompts}
     sampling = {"max_new_tokens": args.max_new_tokens, "top_k": args.k}
@@ -138,7 +140,8 @@ def main() -> None:
                      "top1": tm["top1_agreement"], "ece": fv["ece_top1"], "bytes": stored, "entries": entries,
                      "collect_overhead": coll_s / raw_s, "train_s": train_s})
         print(json.dumps(rows[-1]), flush=True)
-    write_section(args, rows, raw_s, root)
+    load = f"{os.cpu_count()} CPUs, load average {load_before:.0f} at the start and {os.getloadavg()[0]:.0f} at the end"
+    write_section(args, rows, raw_s, root, load)
 
 
 def winners(rows: list[dict]) -> str:
@@ -150,7 +153,7 @@ def winners(rows: list[dict]) -> str:
             f"top-1 {best('top1', lower=False)}; ECE {best('ece')}; fewest trace bytes {best('bytes')}.")
 
 
-def write_section(args, rows: list[dict], raw_s: float, root: Path) -> None:
+def write_section(args, rows: list[dict], raw_s: float, root: Path, load: str) -> None:
     cmd = ("python scripts/run_ablations.py --sampled " + " ".join(
         f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("prompts", "held_out", "max_new_tokens", "k", "n",
                                                                  "k_head", "n_tail", "steps", "batch_size")))
@@ -161,7 +164,8 @@ def write_section(args, rows: list[dict], raw_s: float, root: Path) -> None:
              f"{args.max_new_tokens} new tokens each. bucket / renormalize: Top-{args.k}; rs: N={args.n} draws; "
              f"hybrid: Top-{args.k_head} head + N={args.n_tail} tail draws. Bytes: stored (compressed) Parquet "
              "bytes of the columns the variant reads per KD-valid position; entries: ids stored per position. "
-             f"Collection overhead: collection time / plain generation of the same prompts ({raw_s:.1f} s).")
+             f"Collection overhead: collection time / plain generation of the same prompts ({raw_s:.1f} s). "
+             f"Machine: {load}; times under such load vary by tens of percent between runs.")
     header = ("| variant | full-vocab KL ↓ | bucket KL ↓ | top-1 ↑ | ECE ↓ | trace bytes/position | "
               "entries/position | collection / generation |")
     lines = [SECTION, "", intro, "", header, "|---|---|---|---|---|---|---|---|"]
