@@ -5,6 +5,10 @@ the teacher's `topk_*[:, t]`. A position takes part only where its mask is True;
 positions contribute exactly zero to the value and the gradient, whatever numbers (even
 NaN or -inf) the padded teacher tensors hold there.
 
+Sampled traces (schema v2) add `loss.other=rs` (the unbiased sampled estimate of the teacher's whole
+distribution, `kd_sampled_loss`) and `hybrid` (exact Top-K head + sampled tail, `kd_hybrid_loss`);
+both run through the same chunked and fused paths.
+
 Memory: given logits, the only [B, T, V] tensor needed is the logits themselves. Per position
 we keep `logsumexp(z)` and a few gathered values; `chunk_size` processes positions in chunks under
 activation checkpointing so even the transient softmax of the backward pass is O(chunk x V).
@@ -22,7 +26,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["kd_per_position", "kd_topk_other_loss", "DistillationLoss", "LossConfig", "ProjectedLogits",
-           "fused_distillation_loss"]
+           "fused_distillation_loss", "kd_sampled_per_position", "kd_sampled_loss", "kd_hybrid_loss",
+           "KD_VARIANTS", "SAMPLED_VARIANTS"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -136,6 +141,94 @@ def kd_topk_other_loss(logits, topk_ids, topk_logprobs, other_logprob, mask, tau
     return tau**2 * kl.sum() / mask.sum().clamp_min(1)
 
 
+# -- sampled-token KD (RS-KD) ------------------------------------------------------------------
+# Sparse Logit Sampling (Anshumann et al., 2025): per position the trace holds N tokens drawn from a
+# proposal q, stored as distinct ids with counts. The estimate of the teacher's distribution,
+#     p_hat(v) = (c_v / N) * p(v) / q(v)          (= c_v / N when q = p),
+# is unbiased, and the loss sum_v p_hat(v) (log p_hat(v) - log s(v)) is linear in p_hat wherever it
+# depends on the student, so its gradient is an unbiased estimate of the full-vocabulary KD gradient.
+# `rs_logq` holds log(q(v) / p(v)) of each sampled id (absent or 0 when q = p). The hybrid keeps
+# the exact Top-K head and samples only the tail (q = p restricted to the tail, renormalized), so
+# a tail sample stands for P(Other) * c_v / N.
+
+
+def _sampled_weights(rs_counts, rs_logq, valid, scale):
+    """p_hat per slot ([..., S]) and the slot mask: counts / N times the importance ratio, times `scale`."""
+    c = torch.where(valid, rs_counts.to(scale.dtype), torch.zeros_like(scale))
+    n = c.sum(-1, keepdim=True).clamp_min(1)
+    w = c / n * scale
+    if rs_logq is not None:
+        w = w * torch.exp(-torch.where(valid, rs_logq.to(scale.dtype), torch.zeros_like(w)))
+    return w, valid & (w > 0)
+
+
+def kd_sampled_per_position(logits, rs_ids, rs_counts, mask, tau: float = 1.0, rs_logq=None, topk_ids=None,
+                            topk_logprobs=None, other_logprob=None, lse=None) -> torch.Tensor:
+    """Sampled-estimate KL(p_hat || student) at every position; exactly 0 where `mask` is False.
+
+    Shapes: logits [..., V]; rs_ids / rs_counts (/ rs_logq) [..., S] (padded slots: count 0, any id
+    or logq); mask [...]. Without `topk_*` this is RS-KD: p_hat(v) = c_v / N * exp(-rs_logq_v).
+    With `topk_ids` / `topk_logprobs` [..., K] and `other_logprob` [...] it is the hybrid: the exact
+    head p_k plus the sampled tail, each tail sample weighted exp(other_logprob) * c_v / N.
+    The samples are drawn at temperature 1, so `tau` softens the student only (`z / tau`).
+    Returns [...] in at least float32; `lse` ([..., 1], logsumexp of `logits`) is used at tau == 1.
+    """
+    z = logits.to(_compute_dtype(logits.dtype))
+    if tau != 1.0:
+        z, lse = z / tau, None
+    if lse is None:
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    m = mask.unsqueeze(-1)
+    vocab = z.shape[-1]
+    counts = rs_counts.to(z.dtype)
+    valid = m & torch.isfinite(counts) & (counts > 0)
+    if rs_logq is not None:
+        valid = valid & torch.isfinite(rs_logq.to(z.dtype))
+    scale = torch.ones_like(counts)
+    if topk_ids is not None:
+        olp = torch.where(mask, other_logprob.to(z.dtype), torch.zeros_like(other_logprob, dtype=z.dtype))
+        scale = scale * olp.exp().unsqueeze(-1)
+    w, valid = _sampled_weights(counts, rs_logq, valid, scale)
+    ids = torch.where(valid, rs_ids.long(), 0).clamp(0, vocab - 1)
+    # Selected before the log so that empty slots put neither -inf nor NaN into value or gradient.
+    w_safe = torch.where(valid, w, torch.ones_like(w))
+    s = z.gather(-1, ids) - lse
+    kl = torch.where(valid, w_safe * (w_safe.log() - s), torch.zeros_like(w)).sum(-1)
+    if topk_ids is not None:
+        lp = topk_logprobs.to(z.dtype)
+        head = m & torch.isfinite(lp)
+        hids = torch.where(head, topk_ids.long(), 0).clamp(0, vocab - 1)
+        lp_safe = torch.where(head, lp, torch.zeros_like(lp))
+        hs = z.gather(-1, hids) - lse
+        kl = kl + torch.where(head, lp_safe.exp() * (lp_safe - hs), torch.zeros_like(lp)).sum(-1)
+    return torch.where(mask, kl, torch.zeros_like(kl))
+
+
+def kd_sampled_loss(logits, rs_ids, rs_counts, mask, tau: float = 1.0, rs_logq=None) -> torch.Tensor:
+    """`tau**2` x mean over masked-in positions of the RS-KD loss (`kd_sampled_per_position`).
+
+    Shapes: logits [B, T, V]; rs_ids / rs_counts (/ rs_logq) [B, T, S]; mask [B, T]. Per position:
+    the cross-entropy of the student against the sampled estimate p_hat minus the entropy of
+    p_hat. Returns a scalar; 0 (with a gradient path) if the mask is empty.
+    """
+    kl = kd_sampled_per_position(logits, rs_ids, rs_counts, mask, tau, rs_logq)
+    return tau**2 * kl.sum() / mask.sum().clamp_min(1)
+
+
+def kd_hybrid_loss(logits, topk_ids, topk_logprobs, other_logprob, rs_ids, rs_counts, mask, tau: float = 1.0,
+                   rs_logq=None) -> torch.Tensor:
+    """`tau**2` x mean over masked-in positions of the hybrid loss: exact Top-K head + sampled tail."""
+    kl = kd_sampled_per_position(logits, rs_ids, rs_counts, mask, tau, rs_logq, topk_ids, topk_logprobs,
+                                 other_logprob)
+    return tau**2 * kl.sum() / mask.sum().clamp_min(1)
+
+
+KD_VARIANTS = ("bucket", "renormalize", "rs", "hybrid")
+"""Values of `LossConfig.other`: what the KD term is computed over."""
+SAMPLED_VARIANTS = ("rs", "hybrid")
+"""Variants that need sampled trace columns (`rs_ids`, `rs_counts`, optional `rs_logq`)."""
+
+
 @dataclass
 class LossConfig:
     """Weights and variants of the total distillation loss."""
@@ -149,7 +242,9 @@ class LossConfig:
     tau: float = 1.0
     """Distillation temperature (exact at 1; the Other atom is an approximation otherwise)."""
     other: str = "bucket"
-    """`bucket` keeps the teacher's tail mass as an Other bucket; `renormalize` drops it."""
+    """KD target: `bucket` keeps the teacher's tail mass as an Other bucket; `renormalize` drops it;
+    `rs` uses the sampled estimate of the whole distribution; `hybrid` the exact Top-K head plus the
+    sampled tail (both need sampled traces, schema v2)."""
     ce_only: bool = False
     """Train on CE (+ format) only; KD is still computed and logged, with weight 0 (ablation)."""
     chunk_size: int | None = 2048
@@ -178,14 +273,19 @@ class DistillationLoss(torch.nn.Module):
     def __init__(self, cfg: LossConfig | None = None, **kwargs):
         super().__init__()
         self.cfg = cfg or LossConfig(**kwargs)
-        if self.cfg.other not in ("bucket", "renormalize"):
-            raise ValueError(f"loss.other must be 'bucket' or 'renormalize', got {self.cfg.other!r}")
+        if self.cfg.other not in KD_VARIANTS:
+            raise ValueError(f"loss.other must be one of {', '.join(KD_VARIANTS)}, got {self.cfg.other!r}")
 
-    def _chunk_terms(self, z, targets, ids, lp, olp, kd_mask):
+    def _chunk_terms(self, z, targets, ids, lp, olp, kd_mask, rs=None):
         z = z.to(_compute_dtype(z.dtype))
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         ce = (lse - z.gather(-1, targets.unsqueeze(-1))).squeeze(-1)
-        kd = kd_per_position(z, ids, lp, olp, kd_mask, self.cfg.tau, self.cfg.other, lse=lse)
+        if self.cfg.other == "rs":
+            kd = kd_sampled_per_position(z, rs[0], rs[1], kd_mask, self.cfg.tau, rs[2], lse=lse)
+        elif self.cfg.other == "hybrid":
+            kd = kd_sampled_per_position(z, rs[0], rs[1], kd_mask, self.cfg.tau, rs[2], ids, lp, olp, lse=lse)
+        else:
+            kd = kd_per_position(z, ids, lp, olp, kd_mask, self.cfg.tau, self.cfg.other, lse=lse)
         # slot 0 holds the teacher's most probable candidate; ids are clamped into V as for the KL
         agree = (z.argmax(-1) == ids[:, 0].long().clamp(0, z.shape[-1] - 1)).float()
         return ce, kd, agree
@@ -201,7 +301,19 @@ class DistillationLoss(torch.nn.Module):
         return {"rows": rows, "targets": targets, "ids": batch["topk_ids"].flatten(0, 1)[rows],
                 "lp": batch["topk_logprobs"].flatten(0, 1)[rows], "olp": batch["other_logprob"].flatten()[rows],
                 "kd_sel": kd_mask.flatten()[rows], "fmt_sel": fmt_mask.flatten()[rows],
-                "counts": (loss_mask.sum(), kd_mask.sum(), fmt_mask.sum())}
+                "counts": (loss_mask.sum(), kd_mask.sum(), fmt_mask.sum()), "rs": self._sampled_rows(batch, rows)}
+
+    def _sampled_rows(self, batch: dict, rows) -> tuple | None:
+        """(rs_ids, rs_counts, rs_logq or None) of the loss-bearing rows, for the sampled variants."""
+        if self.cfg.other not in SAMPLED_VARIANTS:
+            return None
+        if "rs_ids" not in batch or "rs_counts" not in batch:
+            raise ValueError(f"loss.other={self.cfg.other} needs sampled traces (rs_ids / rs_counts columns, "
+                             "trace schema v2): collect them from a local teacher with collection.rs.n > 0, "
+                             "or use loss.other=bucket")
+        logq = batch.get("rs_logq")
+        return (batch["rs_ids"].flatten(0, 1)[rows], batch["rs_counts"].flatten(0, 1)[rows],
+                None if logq is None else logq.flatten(0, 1)[rows])
 
     def _chunks(self, n: int):
         step = self.cfg.chunk_size or max(n, 1)
@@ -242,8 +354,7 @@ class DistillationLoss(torch.nn.Module):
         chunks = self._chunks(rows.numel())
         parts = []
         for sl in chunks:
-            args = (flat[rows[sl]], sel["targets"][sl], sel["ids"][sl], sel["lp"][sl], sel["olp"][sl],
-                    sel["kd_sel"][sl])
+            args = (flat[rows[sl]], *_row_args(sel, sl))
             if self.cfg.chunk_size and torch.is_grad_enabled() and len(chunks) > 1:
                 parts.append(checkpoint(self._chunk_terms, *args, use_reentrant=False))
             else:
@@ -342,7 +453,8 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 def _row_args(sel: dict, sl: slice) -> tuple:
-    return sel["targets"][sl], sel["ids"][sl], sel["lp"][sl], sel["olp"][sl], sel["kd_sel"][sl]
+    rs = None if sel["rs"] is None else tuple(None if x is None else x[sl] for x in sel["rs"])
+    return sel["targets"][sl], sel["ids"][sl], sel["lp"][sl], sel["olp"][sl], sel["kd_sel"][sl], rs
 
 
 def fused_distillation_loss(hidden: torch.Tensor, head_weight: torch.Tensor, batch: dict,

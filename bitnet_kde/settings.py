@@ -139,6 +139,8 @@ RULES: tuple[Rule, ...] = (
     Rule("collection.shard_index", integer=True, ge=0),
     _count("collection.prompts.limit", null=True, note="null = every prompt"),
     _count("collection.sampling.top_k"),
+    Rule("collection.rs.n", integer=True, ge=0, note="0 = no sampled traces"),
+    _positive("collection.rs.beta"),
     _count("collection.sampling.max_new_tokens"),
     _non_negative("collection.sampling.temperature", note="0 = greedy"),
     Rule("collection.sampling.seed", integer=True),

@@ -4,6 +4,8 @@
     python scripts/run_ablations.py --only kd,ce_only     # a subset
     python scripts/run_ablations.py --train trainer.max_steps=50 --eval speed.prompts=2
     python scripts/run_ablations.py --set warmstart --budget-seconds 240   # scratch vs warm start
+    python scripts/run_ablations.py --sampled --steps 60   # bucket / renormalize / rs / hybrid at
+                                                           # equal trace bytes (scripts/sampled_ablation.py)
 
 Sets:
 - `loss`: `python train.py experiment=ablation_<name>` (configs/experiment/) for the same steps.
@@ -268,6 +270,12 @@ def write_section(out: Path, set_name: str, section: str) -> None:
 
 
 def main() -> None:
+    if "--sampled" in sys.argv[1:]:  # its own measurement and its own section of RESULTS.md
+        import runpy
+
+        sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a != "--sampled")]
+        runpy.run_path(str(ROOT / "scripts" / "sampled_ablation.py"), run_name="__main__")
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=ROOT, help="paths.root of every run (traces are shared)")
     p.add_argument("--set", default="loss", choices=sorted(SETS), help="which set of runs")

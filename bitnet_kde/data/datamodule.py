@@ -1,4 +1,5 @@
-"""LightningDataModule over KD trace shards (Parquet schema v1), streamed one row group at a time.
+"""LightningDataModule over KD trace shards (Parquet schema v1, or v2 with sampled tokens), streamed
+one row group at a time.
 
 The folder is scanned once when the run starts (`TraceIndex.scan`: manifest sha256 and row
 counts, schema, metadata compared with the run: vocabulary size, student tokenizer, K); rows are
@@ -16,6 +17,8 @@ Batch entries, tensors [B, T] unless noted:
 - `topk_ids`       [B, T, K] teacher candidates for t+1 (padded slots: id 0)
 - `topk_logprobs`  [B, T, K] their logprobs (padded slots: -inf)
 - `other_logprob`  teacher log-mass outside the candidates (padding: 0)
+- `rs_ids`, `rs_counts` (+ `rs_logq`)  [B, T, S] sampled-token columns, only from schema v2
+  traces (padded slots: count 0)
 """
 
 from __future__ import annotations
@@ -68,6 +71,16 @@ class TraceDataset(Dataset):
         self.cand_ids = cand_ids.to_numpy(zero_copy_only=False).astype(np.int64)
         self.cand_lp = list_offsets(values("topk_logprobs"))[1].to_numpy(zero_copy_only=False).astype(np.float32)
         self.k_max = int(np.diff(self.cand_off).max(initial=0))
+        # sampled-token columns (schema v2): position p's draws are rs_off[p]:rs_off[p + 1]
+        self.rs = None
+        if "rs_ids" in table.column_names:
+            self.rs_off, rs_ids = list_offsets(values("rs_ids"))
+            self.rs = {"rs_ids": rs_ids.to_numpy(zero_copy_only=False).astype(np.int64),
+                       "rs_counts": list_offsets(values("rs_counts"))[1].to_numpy(zero_copy_only=False)
+                       .astype(np.float32)}
+            if "rs_logq" in table.column_names:
+                self.rs["rs_logq"] = list_offsets(values("rs_logq"))[1].to_numpy(zero_copy_only=False) \
+                    .astype(np.float32)
         lengths = np.diff(self.row_off)
         self.truncated = int((lengths > max_seq_len).sum())
         self.format_targets = None
@@ -107,7 +120,7 @@ class TraceDataset(Dataset):
         if self.format_targets is not None:
             format_mask[:n - 1] = self.format_targets[a + 1:b]  # position t's target is token t+1
             format_mask &= loss_mask
-        return {
+        item = {
             "input_ids": self.tokens[a:b],
             "loss_mask": loss_mask,
             "kd_valid": self.valid[a:b] & loss_mask,
@@ -116,6 +129,23 @@ class TraceDataset(Dataset):
             "topk_logprobs": lps,
             "other_logprob": self.other[a:b],
         }
+        if self.rs is not None:
+            item.update(self._sampled(a, b))
+        return item
+
+    def _sampled(self, a: int, b: int) -> dict:
+        """Sampled columns of positions a:b as [n, S] arrays; padded slots have count 0 (and id 0, logq 0)."""
+        starts, ends = self.rs_off[a:b], self.rs_off[a + 1:b + 1]
+        sizes = ends - starts
+        n, s = b - a, max(int(sizes.max(initial=0)), 1)
+        out = {name: np.zeros((n, s), dtype=v.dtype) for name, v in self.rs.items()}
+        if sizes.sum():
+            pos = np.repeat(np.arange(n), sizes)
+            slot = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            src = np.arange(starts[0], ends[-1])
+            for name, v in self.rs.items():
+                out[name][pos, slot] = v[src]
+        return out
 
 
 @dataclass
@@ -157,6 +187,13 @@ def collate_traces(rows: list[dict]) -> dict:
             out[name][i, :n] = torch.from_numpy(r[name])
         out["topk_ids"][i, :n, :kk] = torch.from_numpy(r["topk_ids"])
         out["topk_logprobs"][i, :n, :kk] = torch.from_numpy(r["topk_logprobs"])
+    for name in ("rs_ids", "rs_counts", "rs_logq"):  # sampled columns (schema v2), padded with count 0
+        if all(name in r for r in rows):
+            s = max(r[name].shape[1] for r in rows)
+            out[name] = torch.zeros(b, t, s, dtype=torch.long if name == "rs_ids" else torch.float32)
+            for i, r in enumerate(rows):
+                n, ss = r[name].shape
+                out[name][i, :n, :ss] = torch.from_numpy(r[name])
     if all("id" in r for r in rows):
         out["ids"] = [r["id"] for r in rows]
     return out

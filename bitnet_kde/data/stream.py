@@ -31,10 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bitnet_kde.kd.traces import (DUPLICATE_HINT, META_PREFIX, RECOLLECT, SCHEMA_VERSION, TRACE_SCHEMA,
-                                   TraceValidationError, _check_same_trace_set, _check_types, _file_sha256,
-                                   _manifest_entries, _mismatch, arrow_path, check_run_match, list_offsets,
-                                   table_metadata, validate_traces)
+from bitnet_kde.kd.traces import (DUPLICATE_HINT, RECOLLECT, TraceValidationError, _check_same_trace_set,
+                                   _check_types, _file_sha256, _manifest_entries, _mismatch, arrow_path,
+                                   check_run_match, check_schema_version, list_offsets, table_metadata, trace_schema,
+                                   validate_traces)
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,7 @@ class TraceIndex:
                 raise TraceValidationError(f"{_mismatch(path, entry, 'n/a', pf.metadata.num_rows)}; {RECOLLECT}")
             footers.append(schema.empty_table())
             meta = table_metadata(footers[-1])
-            if meta.get("schema_version") != SCHEMA_VERSION:
-                raise TraceValidationError(
-                    f"{path}: trace schema version {meta.get('schema_version')!r}, this version of bitnet-kde "
-                    f"reads {SCHEMA_VERSION!r} (metadata key '{META_PREFIX}schema_version')")
+            check_schema_version(path, meta, schema)
             _check_types(path, schema)
             if not s:
                 index.metadata = meta
@@ -149,9 +146,10 @@ class TraceIndex:
             raise _unreadable(path, e) from e
         if "id" not in table.column_names:  # the file was replaced since the scan
             raise TraceValidationError(f"{path}: row group {g} has no 'id' column; {RECOLLECT}")
-        table = table.select(TRACE_SCHEMA.names)
+        schema = trace_schema(table.schema)
+        table = table.select(schema.names)
         validate_traces(table, name=f"{path} (row group {g})", vocab_size=vocab_size, k_max=k_max)
-        return table.cast(TRACE_SCHEMA)
+        return table.cast(schema)
 
 
 class TraceStream(IterableDataset):

@@ -18,6 +18,10 @@ Steps, each reported in `reports/evaluation.json`:
    number of tokens on this machine, one prompt at a time; weight bytes of the packed student
    and of the teacher as loaded.
 5. **QEI** from the quality metric named in the config.
+6. **Full vocabulary** (`full_vocab`): with a local teacher sharing the student's tokenizer, the
+   exact KL(teacher || student) over the whole vocabulary, teacher-forced on the held-out teacher
+   text, beside the bucket KL of the same positions; and the expected calibration error of the
+   student's top-1. Other teachers get the calibration figure and a note instead of the KL.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from bitnet_kde.checkpoint import load_student
 from bitnet_kde.data.datamodule import TraceDataset, collate_traces
 from bitnet_kde.eval.metrics import (
     QUALITY_METRICS,
+    CalibrationBins,
+    full_vocab_kl,
     TokenTotals,
     group_totals,
     json_valid,
@@ -74,6 +80,7 @@ def evaluate(cfg: DictConfig) -> dict:
     ckpt, student = load_eval_student(cfg)
     data = held_out_traces(cfg, student)
     per_category = token_metrics(student, data, int(cfg.batch_size))
+    full_vocab = full_vocab_section(student, data, int(cfg.batch_size)) if cfg.get("full_vocab", True) else None
     packed = pack_for_inference(student)
     answers = generate_answers(packed, data, cfg)
     add_answer_metrics(answers, per_category, cfg)
@@ -105,6 +112,7 @@ def evaluate(cfg: DictConfig) -> dict:
                   **({"llamacpp": llamacpp} if llamacpp else {})},
         "memory": {"student_weight_bytes": student_bytes, "teacher_weight_bytes": teacher_info["weight_bytes"]},
         "qei": index,
+        "full_vocab": full_vocab,
         "answers": answers[: int(cfg.report_answers)],
     }
 
@@ -147,6 +155,8 @@ class HeldOut:
     teacher_text: list[str]
     traced_by: str
     """`provider/model` of the teacher, from the trace metadata."""
+    projection: str = "identity"
+    """How the traces map onto the student tokenizer (`identity`: the teacher's own ids)."""
 
 
 def held_out_traces(cfg: DictConfig, student: BitNetLM) -> HeldOut:
@@ -161,7 +171,8 @@ def held_out_traces(cfg: DictConfig, student: BitNetLM) -> HeldOut:
     return HeldOut(collector=collector, trace_dir=trace_dir, ds=TraceDataset(table, student.cfg.max_seq_len),
                    categories=table.column("category").to_pylist(), prompts=table.column("prompt").to_pylist(),
                    teacher_text=table.column("teacher_text").to_pylist(),
-                   traced_by=f"{meta.get('teacher_provider', '?')}/{meta.get('teacher_model', '?')}")
+                   traced_by=f"{meta.get('teacher_provider', '?')}/{meta.get('teacher_model', '?')}",
+                   projection=meta.get("projection", "identity"))
 
 
 def data_section(cfg: DictConfig, data: HeldOut) -> dict:
@@ -179,6 +190,45 @@ def token_metrics(student: BitNetLM, data: HeldOut, batch_size: int) -> dict[str
             for i, totals in zip(idx, token_sums(student(batch["input_ids"]), batch), strict=True):
                 rows.append((data.categories[i], totals))
     return {c: t.as_metrics() for c, t in group_totals(rows).items()}
+
+
+FULL_VOCAB_NOTE = ("no full-vocabulary KL: the traces were made by {teacher} through the {projection} projection, and "
+                   "only a local teacher sharing the student's tokenizer gives every next-token probability "
+                   "(teacher=local_smollm2 with the smollm2 student tokenizer)")
+
+
+def full_vocab_section(student: BitNetLM, data: HeldOut, batch_size: int) -> dict:
+    """Exact full-vocabulary KL(teacher || student) and the bucket KL on the same KD-valid positions
+    (teacher-forced on the held-out teacher text), and the ECE of the student's top-1 (all
+    teachers). The KL is None, with a note, when the teacher's full distribution is not available."""
+    teacher = data.collector.teacher() if data.projection == "identity" else None
+    local = teacher is not None and teacher.full_distribution and isinstance(teacher.lm, torch.nn.Module)
+    calib = CalibrationBins()
+    kl_full = kl_bucket = 0.0
+    positions = 0
+    with torch.no_grad():
+        for _, batch in _batches(data.ds, batch_size):
+            logits = student(batch["input_ids"]).float()
+            targets = torch.cat([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], dim=1)
+            calib.add(logits, targets, batch["loss_mask"])
+            if local:
+                kd_mask = batch["loss_mask"] & batch["kd_valid"]
+                # Right padding cannot reach earlier positions of a causal model: no attention mask needed.
+                t_logits = teacher.lm(input_ids=batch["input_ids"].to(teacher.lm.device)).logits.float().cpu()
+                if t_logits.shape[-1] != logits.shape[-1]:
+                    raise ValueError(f"teacher {data.traced_by} has {t_logits.shape[-1]} logits, the student "
+                                     f"{logits.shape[-1]}: identity traces need one vocabulary; set eval "
+                                     "full_vocab=false or retrain with data.vocab_size equal to the teacher's")
+                kl_full += float(full_vocab_kl(logits, t_logits, kd_mask).sum())
+                kl_bucket += sum(t.kl for t in token_sums(logits, batch))
+                positions += int(kd_mask.sum())
+    out = {"ece_top1": calib.ece(), "reliability": calib.curve(), "kl_full_vocab": None, "kl_bucket": None}
+    if local:
+        out.update(kl_full_vocab=kl_full / max(positions, 1), kl_bucket=kl_bucket / max(positions, 1),
+                   kd_positions=positions)
+    else:
+        out["note"] = FULL_VOCAB_NOTE.format(teacher=data.traced_by, projection=data.projection)
+    return out
 
 
 def pack_for_inference(student: BitNetLM) -> BitNetLM:

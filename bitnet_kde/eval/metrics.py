@@ -5,6 +5,11 @@ every loss-bearing position contributes to cross-entropy, every KD-valid one to 
 agreement. They are accumulated as sums and counts per category, so the overall value is the
 token-weighted mean and a category's value does not depend on what else was evaluated.
 Answer metrics compare whole greedy generations: JSON validity and exact match.
+
+With a local teacher (it has every logit and the student's tokenizer), `full_vocab_kl` is the exact
+KL(teacher || student) over the whole vocabulary, teacher-forced on the same text: unlike the
+bucket KL it sees how the student spreads the mass the Top-K leave out. `CalibrationBins` gives
+the expected calibration error of the student's top-1 against the teacher's actual next token.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 
 from bitnet_kde.losses import kd_per_position
 
-__all__ = ["TokenTotals", "token_sums", "group_totals", "parse_json_answer", "json_valid", "normalize_answer",
+__all__ = ["TokenTotals", "token_sums", "full_vocab_kl", "CalibrationBins", "group_totals", "parse_json_answer", "json_valid", "normalize_answer",
            "QUALITY_METRICS", "QEIResult", "qei"]
 
 
@@ -76,6 +81,61 @@ def token_sums(logits: torch.Tensor, batch: dict) -> list[TokenTotals]:
     return [TokenTotals(kl=float(kl[i].sum()), agree=float(agree[i].sum()), nll=float(nll[i].sum()),
                         kd_positions=int(kd_mask[i].sum()), tokens=int(loss_mask[i].sum()))
             for i in range(z.shape[0])]
+
+
+@torch.no_grad()
+def full_vocab_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Exact KL(teacher || student) over the whole vocabulary at each position ([B, T]; 0 off `mask`).
+
+    Both logits [B, T, V] over one vocabulary, at temperature 1; ids the teacher gives no mass
+    contribute 0 (never -inf * 0).
+    """
+    lt = torch.log_softmax(teacher_logits.double(), dim=-1)
+    ls = torch.log_softmax(student_logits.double(), dim=-1)
+    pt = lt.exp()
+    kl = torch.where(pt > 0, pt * (lt - ls), torch.zeros_like(pt)).sum(-1)
+    return torch.where(mask, kl, torch.zeros_like(kl))
+
+
+@dataclass
+class CalibrationBins:
+    """Reliability of the student's top-1: per confidence bin, the summed confidence, the number of
+    correct top-1 guesses (the teacher's actual next token) and the count."""
+
+    n_bins: int = 10
+    conf: list[float] = field(default_factory=list)
+    correct: list[float] = field(default_factory=list)
+    count: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        for name, zero in (("conf", 0.0), ("correct", 0.0), ("count", 0)):
+            if not getattr(self, name):
+                setattr(self, name, [zero] * self.n_bins)
+
+    @torch.no_grad()
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> None:
+        """Positions where `mask` holds: confidence max softmax(logits), correct when argmax == target."""
+        p = torch.softmax(logits.double(), dim=-1)
+        conf, top = p.max(-1)
+        conf, hit = conf[mask], (top == targets)[mask].double()
+        b = (conf * self.n_bins).long().clamp(0, self.n_bins - 1)   # bins [0, 1/n), ..., [(n-1)/n, 1]
+        for i in range(self.n_bins):
+            sel = b == i
+            self.conf[i] += float(conf[sel].sum())
+            self.correct[i] += float(hit[sel].sum())
+            self.count[i] += int(sel.sum())
+
+    def ece(self) -> float | None:
+        """sum over bins of (n_b / n) * |accuracy_b - mean confidence_b|; None without positions."""
+        n = sum(self.count)
+        if not n:
+            return None
+        return sum(abs(c - k) for c, k in zip(self.conf, self.correct)) / n
+
+    def curve(self) -> list[dict]:
+        """Per non-empty bin: mean confidence, accuracy and count (a reliability diagram)."""
+        return [{"confidence": c / k, "accuracy": h / k, "n": k}
+                for c, h, k in zip(self.conf, self.correct, self.count) if k]
 
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)

@@ -15,6 +15,8 @@ the traces afterwards.
 - **Many jobs.** Job `shard_index` of `num_shards` does the chunks with
   `c % num_shards == shard_index`; whichever job finds the set complete writes the manifest.
 - **Provider limits.** `sampling.top_k` above the teacher's `max_top_k` is refused before any request.
+- **Sampled traces.** `rs` (`SampledTraceConfig`, n > 0) also records N draws per position from a
+  local teacher's full distribution (schema v2); API teachers are refused before any request.
 - **Failures are counted, never dropped.** Each shard's metadata lists the prompts that failed
   (id, reason, message); the manifest sums them by reason.
 """
@@ -36,7 +38,8 @@ from bitnet_kde.kd.projection import ProjectedRow, project_identity, project_str
 from bitnet_kde.kd.prompts import Prompt, load_prompts, prompt_set_hash
 from bitnet_kde.kd.traces import (arrow_path, content_id, folder_names, manifest_complete, mismatched_shards, shard_name,
                                    trace_metadata, write_manifest, write_trace_shard)
-from bitnet_kde.teachers import SamplingConfig, Teacher, TeacherFailure, TeacherSequence, build_teacher
+from bitnet_kde.teachers import (SampledTraceConfig, SamplingConfig, Teacher, TeacherError, TeacherFailure,
+                                 TeacherSequence, build_teacher)
 from bitnet_kde.tokenizer import chat_ids, load_student_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -59,11 +62,12 @@ class TraceCollector:
         chunk_size: prompts per shard.
         shard_index / num_shards: this job's share of the chunks.
         progress: show a rich progress bar.
+        rs: `SampledTraceConfig` fields (`n`, `beta`, `seed`, `hybrid`); n > 0 records sampled traces.
     """
 
     def __init__(self, teacher, student_tokenizer="smollm2", prompts: dict | None = None,
                  sampling: dict | None = None, chunk_size: int = 64, shard_index: int = 0, num_shards: int = 1,
-                 progress: bool = True):
+                 progress: bool = True, rs: dict | None = None):
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
         self._teacher_cfg = teacher if not isinstance(teacher, Teacher) else None
@@ -74,6 +78,7 @@ class TraceCollector:
         self.sampling = SamplingConfig(**(sampling or {}))
         self.chunk_size, self.shard_index, self.num_shards = chunk_size, shard_index, num_shards
         self.progress = progress
+        self.rs = SampledTraceConfig(**(rs or {}))
         self._prompts: list[Prompt] | None = None
 
     # -- identity ---------------------------------------------------------------------------
@@ -112,8 +117,21 @@ class TraceCollector:
     def trace_set_id(self) -> str:
         blob = json.dumps({"teacher": self.teacher_identity(), "prompts": prompt_set_hash(self.prompts),
                            "tokenizer": self.tokenizer_hash, "sampling": self.sampling.as_dict(),
-                           "chunk_size": self.chunk_size}, sort_keys=True, default=str)
+                           "chunk_size": self.chunk_size, **self._rs_identity()}, sort_keys=True, default=str)
         return content_id(blob)
+
+    def _rs_identity(self) -> dict:
+        """Sampled-trace settings in the content address, only when on (Top-K-only sets keep their ids)."""
+        return {"rs": self.rs.as_dict()} if self.rs.n else {}
+
+    def check_sampled(self, teacher: Teacher) -> None:
+        """Refuse sampled traces from a teacher that does not see its whole distribution."""
+        if self.rs.n and not teacher.full_distribution:
+            raise TeacherError(f"collection.rs.n={self.rs.n}: sampled traces need the teacher's full next-token "
+                               f"distribution, and {teacher.name} returns only its top candidates; collect them "
+                               "with a local teacher (teacher=local_smollm2, local_hf) or set collection.rs.n=0")
+        if self.rs.n and not self.rs.beta > 0:
+            raise ValueError(f"collection.rs.beta={self.rs.beta} must be > 0 (proposal q ∝ p^beta)")
 
     def teacher(self) -> Teacher:
         if self._teacher is None:
@@ -152,6 +170,7 @@ class TraceCollector:
             teacher = self.teacher()
             teacher.check_kd()
             self.check_top_k(teacher)
+            self.check_sampled(teacher)
             self._collect(teacher, trace_dir, [(c, chunks[c]) for c in todo])
         shards = [self.shard_path(trace_dir, c) for c in range(len(chunks))]
         present = folder_names(trace_dir)
@@ -159,7 +178,7 @@ class TraceCollector:
             failures = [f for s in shards for f in shard_failures(s)]
             write_manifest(trace_dir, shards, {
                 "trace_set": self.trace_set_id, "teacher": self.teacher_identity(),
-                "sampling": self.sampling.as_dict(), "prompts": len(self.prompts),
+                "sampling": self.sampling.as_dict(), **self._rs_identity(), "prompts": len(self.prompts),
                 "failures": dict(Counter(f["reason"] for f in failures)), "failed": failures,
             })
         else:
@@ -181,7 +200,8 @@ class TraceCollector:
             teacher_provider=teacher.provider, teacher_model=teacher.model, k=self.sampling.top_k,
             sampling=self.sampling.as_dict(), logprob_mode=teacher.logprob_mode,
             tokenizer_name=str(self._tokenizer_spec), tokenizer_hash=self.tokenizer_hash,
-            vocab_size=len(self.tokenizer), extra={"projection": "identity" if identity else "strings"},
+            vocab_size=len(self.tokenizer), extra={"projection": "identity" if identity else "strings",
+                                                   **{k: json.dumps(v) for k, v in self._rs_identity().items()}},
         )
         total = sum(len(c) for _, c in work)
         tokens, t0 = 0, time.perf_counter()
@@ -190,7 +210,8 @@ class TraceCollector:
         with Progress(*columns, disable=not self.progress) as bar:
             task = bar.add_task(teacher.name, total=total, tokens=0, rate=0.0)
             for chunk, prompts in work:
-                results = teacher.generate([p.prompt for p in prompts], self.sampling)
+                results = teacher.generate([p.prompt for p in prompts], self.sampling,
+                                           **({"sampled": self.rs} if self.rs.n else {}))
                 rows, failures = [], []
                 for p, r in zip(prompts, results, strict=True):
                     if isinstance(r, TeacherFailure):
@@ -213,7 +234,7 @@ class TraceCollector:
         row_id = content_id(json.dumps([prompt.id, prompt.prompt, teacher.name, self.sampling.as_dict()],
                                        sort_keys=True), n=24)
         return {"id": row_id, "prompt": prompt.prompt, "category": prompt.category,
-                "teacher_text": seq.text, **projected.__dict__}
+                "teacher_text": seq.text, **projected.columns()}
 
     def _project_strings(self, prompt: Prompt, seq: TeacherSequence, teacher: Teacher) -> ProjectedRow:
         # The teacher's end-of-turn token is not text: drop it (local teachers return it), project
@@ -224,7 +245,9 @@ class TraceCollector:
                                   topk_tokens=seq.topk_tokens[:-1], topk_logprobs=seq.topk_logprobs[:-1],
                                   token_ids=seq.token_ids[:-1],
                                   topk_ids=seq.topk_ids[:-1] if seq.topk_ids is not None else None,
-                                  finish_reason=seq.finish_reason, prompt_tokens=seq.prompt_tokens)
+                                  finish_reason=seq.finish_reason, prompt_tokens=seq.prompt_tokens,
+                                  **{k: getattr(seq, k)[:-1] for k in ("rs_ids", "rs_tokens", "rs_counts", "rs_logq")
+                                     if getattr(seq, k) is not None})
         # A local teacher's own tokenizer pins its token boundaries exactly (byte runs such as emoji).
         row = project_strings(chat_ids(self.tokenizer, prompt.prompt), seq, self.tokenizer,
                               teacher_tokenizer=teacher.tokenizer)
@@ -235,6 +258,9 @@ class TraceCollector:
             row.topk_logprobs.append([])
             row.other_logprob.append(0.0)
             row.kd_valid.append(False)
+            for col in (row.rs_ids, row.rs_counts, row.rs_logq):
+                if col is not None:
+                    col.append([])
         return row
 
 

@@ -13,6 +13,10 @@ Two paths:
   where a teacher token starts get the teacher's candidates mapped to student ids (first student
   token of each candidate string, in mid-text context; collisions merged with log-sum-exp; the
   rest of the mass is Other). See `project_strings` and `TokenizerPieces`.
+
+Sampled traces (`rs_*`, schema v2) follow the same paths: identity keeps the sampled ids, strings
+maps each sampled token to its first student token like a candidate and adds up the draws that
+land on one student id (their importance weights combined so that each id keeps its share).
 """
 
 from __future__ import annotations
@@ -37,6 +41,38 @@ class ProjectedRow:
     topk_logprobs: list[list[float]]
     other_logprob: list[float]
     kd_valid: list[bool]
+    rs_ids: list[list[int]] | None = None
+    rs_counts: list[list[int]] | None = None
+    rs_logq: list[list[float]] | None = None
+
+    def columns(self) -> dict:
+        """The trace columns this row has (no sampled columns unless it was collected with them)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def _empty_sampled(seq: TeacherSequence, n: int) -> dict:
+    """Per-position sampled columns, all positions empty (only when `seq` has samples)."""
+    if seq.rs_ids is None:
+        return {}
+    cols = {"rs_ids": [[] for _ in range(n)], "rs_counts": [[] for _ in range(n)]}
+    if seq.rs_logq is not None:
+        cols["rs_logq"] = [[] for _ in range(n)]
+    return cols
+
+
+def _merge_samples(ids: list[int], counts: list[int], logq: list[float] | None):
+    """Sum the draws that landed on one student id (ids < 0 are dropped); the merged log(q/p) keeps
+    the id's weight: c * exp(-logq) = sum of c_i * exp(-logq_i)."""
+    groups: dict[int, list[float]] = {}
+    for j, i in enumerate(ids):
+        if i >= 0:
+            g = groups.setdefault(i, [0.0, 0.0])
+            g[0] += counts[j]
+            g[1] += counts[j] * math.exp(-logq[j]) if logq is not None else counts[j]
+    out_ids = sorted(groups)
+    out_counts = [int(groups[i][0]) for i in out_ids]
+    out_logq = None if logq is None else [-math.log(groups[i][1] / groups[i][0]) for i in out_ids]
+    return out_ids, out_counts, out_logq
 
 
 def project_identity(prompt_ids: list[int], seq: TeacherSequence) -> ProjectedRow:
@@ -50,13 +86,18 @@ def project_identity(prompt_ids: list[int], seq: TeacherSequence) -> ProjectedRo
     topk_lp: list[list[float]] = [[] for _ in range(n)]
     other = [0.0] * n
     valid = [False] * n
+    rs = _empty_sampled(seq, n)
     for j in range(len(seq.token_ids)):
         t = cs - 1 + j  # position t predicts completion token j
         lps = [min(float(x), 0.0) for x in seq.topk_logprobs[j]]
         topk_ids[t], topk_lp[t] = list(seq.topk_ids[j]), lps
         other[t] = other_from_topk(lps)
         valid[t] = True
-    return ProjectedRow(input_ids, cs, topk_ids, topk_lp, other, valid)
+        if rs:
+            rs["rs_ids"][t], rs["rs_counts"][t] = list(seq.rs_ids[j]), list(seq.rs_counts[j])
+            if "rs_logq" in rs:
+                rs["rs_logq"][t] = list(seq.rs_logq[j])
+    return ProjectedRow(input_ids, cs, topk_ids, topk_lp, other, valid, **rs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,10 +541,13 @@ def project_strings(prompt_ids: list[int], seq: TeacherSequence, student_tokeniz
     topk_lp: list[list[float]] = [[] for _ in range(n)]
     other = [0.0] * n
     valid = [False] * n
+    rs = _empty_sampled(seq, n)
     specials = teacher_pieces.special_strings if teacher_pieces is not None else frozenset()
     used = [j for j in steps if j >= 0 and j < len(seq.topk_tokens)]
     if used:
         pieces.first_ids([c for j in used for c in seq.topk_tokens[j]])  # fill the cache in one batch
+        if rs:
+            pieces.first_ids([c for j in used for c in seq.rs_tokens[j]])
     for i, j in enumerate(steps):
         t = cs + i - 1  # position t predicts completion token i
         if j < 0 or t < 0 or j >= len(seq.topk_tokens):
@@ -515,4 +559,10 @@ def project_strings(prompt_ids: list[int], seq: TeacherSequence, student_tokeniz
         topk_ids[t], topk_lp[t] = ids, mlps
         other[t] = other_from_topk(mlps)
         valid[t] = True
-    return ProjectedRow(input_ids, cs, topk_ids, topk_lp, other, valid)
+        if rs:
+            s_ids, s_counts, s_logq = _merge_samples(pieces.first_ids(seq.rs_tokens[j], specials), seq.rs_counts[j],
+                                                     None if seq.rs_logq is None else seq.rs_logq[j])
+            rs["rs_ids"][t], rs["rs_counts"][t] = s_ids, s_counts
+            if s_logq is not None:
+                rs["rs_logq"][t] = s_logq
+    return ProjectedRow(input_ids, cs, topk_ids, topk_lp, other, valid, **rs)

@@ -1,5 +1,6 @@
-"""KD trace files: Parquet schema v1, atomic shard writing and validating reads, and the
-conventions every trace writer and reader shares (see docs/TRACE_FORMAT.md).
+"""KD trace files: Parquet schema v1 and v2 (v1 + sampled-token columns), atomic shard writing
+and validating reads, and the conventions every trace writer and reader shares (see
+docs/TRACE_FORMAT.md).
 
 One row per teacher sequence. Every check on read names the file, the row (and its `id`),
 the field and what is wrong, because a bad trace must stop training with a message a user
@@ -35,6 +36,8 @@ from bitnet_kde import storage
 __all__ = [
     "OTHER_FLOOR",
     "SCHEMA_VERSION",
+    "SAMPLED_SCHEMA_VERSION",
+    "SAMPLED_FIELDS",
     "TRACE_SCHEMA",
     "TraceSource",
     "TraceValidationError",
@@ -44,6 +47,8 @@ __all__ = [
     "shard_name",
     "trace_metadata",
     "table_metadata",
+    "trace_schema",
+    "check_schema_version",
     "write_trace_shard",
     "read_traces",
     "validate_traces",
@@ -55,6 +60,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = "1"
+"""Version of a trace shard without sampled columns."""
+SAMPLED_SCHEMA_VERSION = "2"
+"""Version of a shard with sampled-token columns (`SAMPLED_FIELDS`); otherwise the same as v1."""
 META_PREFIX = "bitnet_kde."
 
 TRACE_SCHEMA = pa.schema([
@@ -70,6 +78,36 @@ TRACE_SCHEMA = pa.schema([
     pa.field("teacher_text", pa.string()),
 ])
 """Parquet schema v1 of a KD trace shard (see docs/TRACE_FORMAT.md)."""
+
+SAMPLED_FIELDS = (
+    pa.field("rs_ids", pa.list_(pa.list_(pa.int32())), nullable=False),
+    pa.field("rs_counts", pa.list_(pa.list_(pa.int32())), nullable=False),
+    pa.field("rs_logq", pa.list_(pa.list_(pa.float32()))),
+)
+"""Schema v2's sampled-token columns: per position the distinct sampled ids, their draw counts and
+(only when the proposal q differs from the teacher p) log(q / p) of each id."""
+
+
+def trace_schema(columns) -> pa.Schema:
+    """The trace schema of a table with these column names: v1, plus the sampled columns it has."""
+    names = set(columns.names if isinstance(columns, pa.Schema) else columns)
+    extra = [f for f in SAMPLED_FIELDS if f.name in names]
+    return pa.schema(list(TRACE_SCHEMA) + extra) if extra else TRACE_SCHEMA
+
+
+def check_schema_version(path, meta: dict[str, str], schema: pa.Schema) -> None:
+    """Refuse a shard of an unknown schema version, or a v2 shard without its sampled columns."""
+    version = meta.get("schema_version")
+    if version not in (SCHEMA_VERSION, SAMPLED_SCHEMA_VERSION):
+        raise TraceValidationError(
+            f"{path}: trace schema version {version!r}, this version of bitnet-kde reads "
+            f"{SCHEMA_VERSION!r} and {SAMPLED_SCHEMA_VERSION!r} (metadata key '{META_PREFIX}schema_version')")
+    if version == SAMPLED_SCHEMA_VERSION:
+        for name in ("rs_ids", "rs_counts"):
+            if name not in schema.names:
+                raise TraceValidationError(
+                    f"{path}: trace schema version {version!r} (metadata key '{META_PREFIX}schema_version') but no "
+                    f"column '{name}': sampled traces hold rs_ids and rs_counts; re-collect it")
 
 SUM_TOLERANCE = 1e-4
 """Allowed excess of sum(exp(topk_logprobs)) over 1 (float32 rounding of K terms)."""
@@ -181,8 +219,12 @@ def write_trace_shard(rows: list[dict] | pa.Table, path: str | os.PathLike, meta
     stores: copied and deleted), so a reader never sees a half-written shard under its final
     name, even if the writer is killed.
     """
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
-    table = table.cast(TRACE_SCHEMA).replace_schema_metadata(metadata)
+    names = rows.column_names if isinstance(rows, pa.Table) else (rows[0].keys() if rows else ())
+    schema = trace_schema(names)
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
+    if schema is not TRACE_SCHEMA:
+        metadata = {**metadata, META_PREFIX + "schema_version": SAMPLED_SCHEMA_VERSION}
+    table = table.select(schema.names).cast(schema).replace_schema_metadata(metadata)
     with storage.open_atomic(path) as f:
         pq.write_table(table, f, write_page_checksum=True)  # every read verifies them
     return storage.join(path) if storage.is_local(path) else os.fspath(path)
@@ -354,16 +396,12 @@ def _read_one(path, entry: dict | None, *, vocab_size: int | None, k_max: int) -
         ) from e
     if entry is not None and table.num_rows != entry["rows"]:
         raise TraceValidationError(f"{_mismatch(path, entry, sha, table.num_rows)}; {RECOLLECT}")
-    version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise TraceValidationError(
-            f"{path}: trace schema version {version!r}, this version of bitnet-kde reads "
-            f"{SCHEMA_VERSION!r} (metadata key '{META_PREFIX}schema_version')"
-        )
+    check_schema_version(path, meta, table.schema)
     _check_types(path, table.schema)
-    table = table.select(TRACE_SCHEMA.names)
+    schema = trace_schema(table.schema)
+    table = table.select(schema.names)
     validate_traces(table, name=str(path), vocab_size=vocab_size, k_max=k_max)
-    return table.cast(TRACE_SCHEMA.with_metadata(table.schema.metadata))
+    return table.cast(schema.with_metadata(table.schema.metadata))
 
 
 SET_KEYS = ("student_tokenizer_hash", "vocab_size")
@@ -398,7 +436,7 @@ def _fail_duplicate_across(paths: list, tables: list[pa.Table]) -> None:
 
 
 def _check_types(path, schema: pa.Schema) -> None:
-    for field in TRACE_SCHEMA:
+    for field in trace_schema(schema):
         if field.name not in schema.names:
             raise TraceValidationError(f"{path}: missing column '{field.name}' (expected {field.type})")
         got = schema.field(field.name).type
@@ -545,6 +583,56 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
     if bad.size:
         p = int(bad[0])
         fail(int(pos_row[p]), "kd_valid", f"position {p - row_off[pos_row[p]]} is KD-valid but has no candidates")
+    if "rs_ids" in table.column_names:
+        _validate_sampled(table, seq_len, row_off, pos_row, upper, vocab_size, fail)
+
+
+def _validate_sampled(table: pa.Table, seq_len, row_off, pos_row, upper, vocab_size, fail) -> None:
+    """Schema v2's sampled columns: one list per position, ids in the vocabulary and distinct,
+    counts >= 1, and finite log(q / p) values."""
+    fields = [f.name for f in SAMPLED_FIELDS if f.name in table.column_names]
+    per_pos = {}
+    for field in fields:
+        row = _first_null(table.column(field))
+        if row is not None:
+            fail(row, field, "is null")
+        off, values = list_offsets(table.column(field))
+        bad = np.flatnonzero(np.diff(off) != seq_len)
+        if bad.size:
+            fail(int(bad[0]), field, f"has {np.diff(off)[bad[0]]} positions but input_ids has {seq_len[bad[0]]}")
+        per_pos[field] = list_offsets(values)
+    pos_off, ids = per_pos["rs_ids"]
+    sizes = np.diff(pos_off)
+    for field in fields[1:]:
+        bad = np.flatnonzero(np.diff(per_pos[field][0]) != sizes)
+        if bad.size:
+            p = int(bad[0])
+            fail(int(pos_row[p]), field, f"position {p - row_off[pos_row[p]]} has {np.diff(per_pos[field][0])[p]} "
+                 f"values for {sizes[p]} rs_ids")
+    pos = np.repeat(np.arange(sizes.size), sizes)
+
+    def fail_at(field, idx, problem):
+        p = int(pos[idx])
+        fail(int(pos_row[p]), field, f"position {p - row_off[pos_row[p]]}: {problem}")
+
+    ids = ids.to_numpy(zero_copy_only=False).astype(np.int64)
+    bad = np.flatnonzero((ids < 0) | (ids >= upper))
+    if bad.size:
+        fail_at("rs_ids", bad[0], f"token id {ids[bad[0]]} outside [0, {vocab_size or 'vocab'})")
+    if ids.size:
+        key = np.sort(pos * (int(ids.max()) + 1) + ids)
+        if (key[1:] == key[:-1]).any():
+            idx = int(np.argsort(pos * (int(ids.max()) + 1) + ids)[np.flatnonzero(key[1:] == key[:-1])[0]])
+            fail_at("rs_ids", idx, "an id is listed twice (store each sampled id once with its count)")
+    counts = per_pos["rs_counts"][1].to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(counts < 1)
+    if bad.size:
+        fail_at("rs_counts", bad[0], f"count {counts[bad[0]]} < 1")
+    if "rs_logq" in per_pos:
+        logq = per_pos["rs_logq"][1].to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(logq))
+        if bad.size:
+            fail_at("rs_logq", bad[0], f"value {logq[bad[0]]} is not finite")
 
 
 def write_manifest(trace_dir: str | os.PathLike, shards: list, info: dict) -> Path | str:

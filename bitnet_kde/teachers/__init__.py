@@ -3,6 +3,7 @@
 from bitnet_kde.teachers.api import resolve_key
 from bitnet_kde.teachers.base import (
     LogprobsUnsupported,
+    SampledTraceConfig,
     SamplingConfig,
     Teacher,
     TeacherError,
@@ -31,6 +32,7 @@ def check_credentials(cfg) -> None:
 
 __all__ = [
     "LogprobsUnsupported",
+    "SampledTraceConfig",
     "SamplingConfig",
     "Teacher",
     "TeacherError",

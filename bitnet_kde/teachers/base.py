@@ -42,6 +42,14 @@ class TeacherSequence:
     latency_s: float = 0.0
     usage_completion_tokens: int | None = None
     """Completion tokens as the provider bills them (for providers that return no per-token data)."""
+    rs_ids: list[list[int]] | None = None
+    """Per position, the distinct teacher ids drawn by sampled-trace collection (`SampledTraceConfig`)."""
+    rs_tokens: list[list[str]] | None = None
+    """Their texts (for projection onto another tokenizer)."""
+    rs_counts: list[list[int]] | None = None
+    """How many of the N draws gave each id."""
+    rs_logq: list[list[float]] | None = None
+    """log(q / p) of each id (proposal over teacher); None when q = p."""
 
     @property
     def completion_tokens(self) -> int:
@@ -77,6 +85,24 @@ class SamplingConfig:
                 "seed": self.seed}
 
 
+@dataclass
+class SampledTraceConfig:
+    """Sampled-token traces (RS-KD): per position, N draws from the teacher's distribution at
+    temperature 1, stored as distinct ids with counts. Part of a trace set's content address when on."""
+
+    n: int = 0
+    """Draws per position; 0 = off (Top-K + Other only)."""
+    beta: float = 1.0
+    """Proposal q ∝ p^beta; beta != 1 stores log(q / p) per id (`rs_logq`) as importance weights."""
+    seed: int = 0
+    """Seed of the draws (independent of the decoding seed)."""
+    hybrid: bool = False
+    """Draw from the tail only (the teacher outside its Top-K, renormalized): exact head + sampled tail."""
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "beta": self.beta, "seed": self.seed, "hybrid": self.hybrid}
+
+
 class TeacherError(RuntimeError):
     """A teacher-wide problem (bad key, unknown model, ...) that stops the run with a clear message."""
 
@@ -101,6 +127,9 @@ class Teacher(ABC):
     """Teacher-vocabulary ids that end its turn (in-process teachers)."""
     lm = None
     """The in-process torch model (evaluation weighs its bytes), else None."""
+    full_distribution: bool = False
+    """The teacher sees every next-token probability (in-process models): it can record sampled
+    traces and serve the full-vocabulary evaluation. API teachers return a few candidates only."""
 
     @property
     def name(self) -> str:

