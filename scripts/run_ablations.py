@@ -77,7 +77,7 @@ SETS: dict[str, dict[str, Ablation]] = {
         "warmstart": Ablation("(b) warm start, every 3rd SmolLM2 block, SubLN", ("experiment=warmstart",)),
         "warmstart_no_subln": Ablation("(c) warm start, every 3rd SmolLM2 block, no SubLN",
                                        ("experiment=warmstart", "model.subln=false")),
-        "source": Ablation("(d) the source, full precision (ceiling)", None, ("+init_from=teacher",)),
+        "source": Ablation("(d) the source, full precision (ceiling)", None, ("init_from=teacher",)),
     },
 }
 TITLES = {"loss": "Loss and activation ablations", "warmstart": "Warm start from a pretrained model"}

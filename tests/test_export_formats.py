@@ -145,6 +145,10 @@ def test_gguf_refuses_what_llama_cpp_would_run_wrongly(tmp_path):
         export_gguf(small_student(ffn_act="relu2"), tmp_path / "r.gguf", tokenizer_gguf=None)
     with pytest.raises(ExportError, match="not a multiple of 256"):
         export_gguf(small_student(d_model=128, n_heads=2, n_kv_heads=1), tmp_path / "t.gguf", tokenizer_gguf=None)
+    with pytest.raises(ExportError, match="without it"):
+        export_gguf(small_student(subln=False), tmp_path / "s.gguf", tokenizer_gguf=None)
+    with pytest.raises(ValueError, match="without it"):
+        export_hf(small_student(subln=False), tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,7 +9,7 @@ Steps, each reported in `reports/evaluation.json`:
    agreement, student perplexity. The student runs in the activation mode saved in its
    checkpoint (A8 or A4) unless `activation_bits` overrides it. A checkpoint saved before its
    quantization warm-up reached lambda = 1 is refused: blended weights would flatter it. The
-   pretrained source of a warm start can be evaluated as is (`+init_from=<source>`, full
+   pretrained source of a warm start can be evaluated as is (`init_from=<source>`, full
    precision, no SubLN): the ceiling a warm-started student is measured against.
 3. **Answer quality** from greedy, KV-cached student generations: JSON validity on `json`
    prompts (teacher's own rate alongside), exact match with the teacher's greedy answer on

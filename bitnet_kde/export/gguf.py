@@ -118,6 +118,9 @@ def export_gguf(model: BitNetLM, out_path: str | os.PathLike, *, tokenizer_gguf:
     if not cfg.tie_embeddings:
         raise ExportError("llama.cpp's bitnet architecture uses the embedding as the output matrix; "
                           "this student has a separate LM head (tie_embeddings=False)")
+    if not cfg.subln:
+        raise ExportError("llama.cpp's bitnet architecture normalizes before o_proj and down_proj (SubLN); this "
+                          "student was built without it (model.subln=false), so it cannot be written in that form")
     if strict_activation and cfg.ffn_act != LLAMA_RUNS:
         raise ExportError(f"this student's FFN activation is {cfg.ffn_act!r} but llama.cpp's bitnet architecture "
                           f"computes SiLU (swiglu) gates; train it with model.ffn_act=swiglu to run it in llama.cpp, "

@@ -165,6 +165,9 @@ def export_hf(model: BitNetLM, out_dir: str | os.PathLike, tokenizer=None, *, so
         raise ValueError("a dense model (quantize=False) has no ternary weights to export")
     if not cfg.tie_embeddings:
         raise ValueError("the export writes a tied LM head; this student has a separate one (tie_embeddings=False)")
+    if not cfg.subln:
+        raise ValueError("transformers' bitnet architecture normalizes before o_proj and down_proj (SubLN); this "
+                         "student was built without it (model.subln=false), so it cannot be written in that form")
     if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {cfg.vocab_size}")
     if cfg.activation_bits == 4:
