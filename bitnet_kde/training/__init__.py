@@ -1,8 +1,10 @@
 """Training: the LightningModule, the A8->A4 flip and logging callbacks."""
 
-from bitnet_kde.training.callbacks import FiniteMetrics, HparamsMetrics, QuantStats, batch_size, batch_tokens
+from bitnet_kde.training.callbacks import (FiniteMetrics, HealthCheckpoint, HparamsMetrics, ProgressLog, QuantStats,
+                                          batch_size, batch_tokens, health_path)
 from bitnet_kde.training.flip import ActivationFlip
 from bitnet_kde.training.module import DistillationModule, NonFiniteLossError, OptimConfig, warmup_cosine
 
-__all__ = ["ActivationFlip", "DistillationModule", "FiniteMetrics", "HparamsMetrics", "NonFiniteLossError",
-           "OptimConfig", "QuantStats", "batch_size", "batch_tokens", "warmup_cosine"]
+__all__ = ["ActivationFlip", "DistillationModule", "FiniteMetrics", "HealthCheckpoint", "HparamsMetrics",
+           "NonFiniteLossError", "OptimConfig", "ProgressLog", "QuantStats", "batch_size", "batch_tokens",
+           "health_path", "warmup_cosine"]
