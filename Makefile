@@ -4,16 +4,18 @@
 #   TORCH_SPEC  what `pip install` gets for torch (default: the normal build for this machine;
 #               CI and CPU-only machines set e.g. TORCH_SPEC=torch==2.13.0 for a local CPU wheel)
 #   ARGS        extra arguments: Hydra overrides for train, pytest arguments for test
+#   GATE        GATE=1: `make pipeline` exits non-zero (status 2) when a quality gate fails
 #   PYTHON      interpreter used to create the virtual environment (.venv)
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch
 ARGS ?=
+GATE ?=
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-all train teacher collect eval dryrun bench ensure_dirs check_env clean
+.PHONY: help install test test-slow test-all train teacher collect eval dryrun pipeline bench ensure_dirs check_env clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,6 +54,9 @@ eval: install ensure_dirs ## student vs teacher on held-out prompts: quality, sp
 
 dryrun: install ensure_dirs ## 7B student: exact size, memory plan, packed forward at A8/A4 -> reports/dryrun_7b.json
 	$(PY) dryrun.py $(ARGS)
+
+pipeline: install ensure_dirs ## teacher -> collect -> train -> eval -> dryrun, finished stages reused -> reports/pipeline_summary.json (GATE=1)
+	$(PY) pipeline.py $(ARGS) $(if $(filter 1 true yes,$(GATE)),pipeline.gate=true)
 
 bench: install ## benchmark training throughput: quantized vs dense student (see docs/BENCHMARKS.md)
 	$(PY) scripts/bench_train.py $(ARGS)
