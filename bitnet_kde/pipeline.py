@@ -157,7 +157,7 @@ def eval_figures(art: Mapping) -> dict:
 def dryrun_figures(art: Mapping) -> dict:
     r = _read(art["report"]) or {}
     mem = r.get("memory", {})
-    return {"model": r.get("model", {}).get("name"), "n_layers": r.get("model", {}).get("n_layers"),
+    return {"d_model": r.get("model", {}).get("d_model"), "n_layers": r.get("model", {}).get("n_layers"),
             "parameters": r.get("parameters", {}).get("total"), "peak_rss_bytes": mem.get("peak_rss"),
             "cuda_max_memory_allocated": mem.get("cuda_max_memory_allocated"),
             "seconds": r.get("total_seconds")}
