@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 SKIPPED_TAGS = {"colab", "interactive"}
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 STAGES = ["teacher_baseline", "collect", "train", "eval", "dryrun"]
 KEY_FIGURES = {"teacher_baseline": ["tokens_per_second"], "collect": ["traces", "tokens"],
