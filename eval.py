@@ -1,7 +1,9 @@
 """Evaluate a trained student against its teacher: `python eval.py [ckpt_path=...] [quality_metric=...]`.
 
 Held-out prompts, teacher-relative quality, speed, weight memory and QEI (docs/EVALUATION.md).
-Writes `reports/evaluation.json`, `reports/evaluation.png` and TensorBoard scalars.
+Writes `reports/evaluation.json`, `reports/evaluation.png` and TensorBoard scalars. Quality gates
+set under `gates.*` (thresholds relative to the teacher, docs/PIPELINE.md) mark the report passed
+or failed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from omegaconf import DictConfig
 
 from bitnet_kde import cli, records, settings, storage
 from bitnet_kde.eval.evaluate import evaluate
+from bitnet_kde.eval.gates import check_gates, describe, gate_settings
 from bitnet_kde.eval.report import log_tensorboard, plot_quality
 
 log = logging.getLogger("eval")
@@ -22,7 +25,9 @@ log = logging.getLogger("eval")
 def main(cfg: DictConfig) -> float | None:
     settings.check(cfg, exit_on_error=True)
     storage.setup(cfg, cfg.trace_dir, cfg.report_path, cfg.ckpt_path, exit_on_error=True)
+    gate_settings(cfg.gates)  # a misspelt gate fails now, not after the evaluation
     report = evaluate(cfg)
+    report["gates"] = check_gates(report["metrics"]["overall"], cfg.gates)
     out = storage.write_json_atomic(cfg.report_path, report)
     records.write(cfg, "eval", report, file=out)
     storage.write_bytes_atomic(cfg.chart_path, plot_quality(report))
@@ -31,6 +36,7 @@ def main(cfg: DictConfig) -> float | None:
     log.info("KL %.4f | top-1 %.3f | ppl %.2f | JSON valid %s | exact match %s", m["kl"], m["top1_agreement"],
              m["perplexity"], m.get("json_validity"), m.get("exact_match"))
     log.info("QEI[%s] = %s, QEI_speed = %s -> %s", q["quality_metric"], q["qei"], q["qei_speed"], out)
+    log.info(describe(report["gates"]))
     return q["qei"]
 
 

@@ -2,7 +2,7 @@
 
 Rules:
 - `model/`, `losses.py` and `quant.py` import torch and each other only;
-- `storage.py`, `tokenizer.py` and `runinfo.py` import nothing of ours;
+- `storage.py`, `tokenizer.py`, `runinfo.py` and `progress.py` import nothing of ours;
 - teachers never import the student side (model, losses, quant, data, training, checkpoint, export);
 - every other layer imports only the layers the table in docs/ARCHITECTURE.md allows it;
 - nothing in the package or scripts imports a root entry-point script;
@@ -100,11 +100,12 @@ def test_modules_found():
 
 LAYERS = {  # area -> layer, as in the table of docs/ARCHITECTURE.md
     "quant": "student math", "losses": "student math", "model": "student math",
-    "storage": "bottom", "tokenizer": "bottom", "runinfo": "bottom",
+    "storage": "bottom", "tokenizer": "bottom", "runinfo": "bottom", "progress": "bottom",
     "teachers": "teachers", "kd": "traces", "data": "training", "training": "training",
     "checkpoint": "formats", "export": "formats",
     "eval": "stages", "dryrun": "stages", "settings": "stages", "cli": "stages", "env": "stages",
     "records": "stages",
+    "pipeline": "stages",
 }
 MAY_IMPORT = {  # layer -> the layers it may import (besides its own)
     "student math": set(),
@@ -142,7 +143,8 @@ def test_model_losses_quant_import_only_torch(name):
             assert root == "torch" or root in STDLIB_OK, f"{name} imports {mod}: only torch is allowed here"
 
 
-@pytest.mark.parametrize("name", ["bitnet_kde.storage", "bitnet_kde.tokenizer", "bitnet_kde.runinfo"])
+@pytest.mark.parametrize("name", ["bitnet_kde.storage", "bitnet_kde.tokenizer", "bitnet_kde.runinfo",
+                                  "bitnet_kde.progress"])
 def test_bottom_layer_imports_nothing_of_ours(name):
     assert name in MODULES
     assert our_imports(name) == set()

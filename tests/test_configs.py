@@ -37,7 +37,8 @@ def test_defaults_instantiate_on_cpu(tmp_path):
     assert dm.vocab_size == 512 and dm.source.num_sequences == 96
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     names = {type(c).__name__ for c in callbacks}
-    assert {"ModelCheckpoint", "ActivationFlip", "QuantStats", "ThroughputMonitor", "LearningRateMonitor"} <= names
+    assert {"HealthCheckpoint", "ActivationFlip", "QuantStats", "ThroughputMonitor", "LearningRateMonitor",
+            "ProgressLog"} <= names
     loggers = [instantiate(c) for c in cfg.logger.values()]
     assert {type(lg).__name__ for lg in loggers} == {"TensorBoardLogger", "CSVLogger"}
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

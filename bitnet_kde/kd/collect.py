@@ -38,6 +38,7 @@ from bitnet_kde.kd.projection import ProjectedRow, project_identity, project_str
 from bitnet_kde.kd.prompts import Prompt, load_prompts, prompt_set_hash
 from bitnet_kde.kd.traces import (arrow_path, content_id, folder_names, manifest_complete, mismatched_shards, shard_name,
                                    trace_metadata, write_manifest, write_trace_shard)
+from bitnet_kde.progress import RateLog, interactive
 from bitnet_kde.teachers import (SampledTraceConfig, SamplingConfig, Teacher, TeacherError, TeacherFailure,
                                  TeacherSequence, build_teacher)
 from bitnet_kde.tokenizer import chat_ids, load_student_tokenizer, tokenizer_hash
@@ -61,13 +62,15 @@ class TraceCollector:
         sampling: `SamplingConfig` fields (`max_new_tokens`, `temperature`, `top_k`, `seed`).
         chunk_size: prompts per shard.
         shard_index / num_shards: this job's share of the chunks.
-        progress: show a rich progress bar.
+        progress: show progress: a rich bar in a terminal, else a log line (prompts done/total,
+            rate, ETA, tokens) every `log_every_s` seconds, at most once per chunk.
         rs: `SampledTraceConfig` fields (`n`, `beta`, `seed`, `hybrid`); n > 0 records sampled traces.
+        log_every_s: seconds between those log lines.
     """
 
     def __init__(self, teacher, student_tokenizer="smollm2", prompts: dict | None = None,
                  sampling: dict | None = None, chunk_size: int = 64, shard_index: int = 0, num_shards: int = 1,
-                 progress: bool = True, rs: dict | None = None):
+                 progress: bool = True, rs: dict | None = None, log_every_s: float = 30.0):
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
         self._teacher_cfg = teacher if not isinstance(teacher, Teacher) else None
@@ -77,7 +80,7 @@ class TraceCollector:
         self.prompt_args = dict(prompts or {})
         self.sampling = SamplingConfig(**(sampling or {}))
         self.chunk_size, self.shard_index, self.num_shards = chunk_size, shard_index, num_shards
-        self.progress = progress
+        self.progress, self.log_every_s = progress, log_every_s
         self.rs = SampledTraceConfig(**(rs or {}))
         self._prompts: list[Prompt] | None = None
 
@@ -204,10 +207,11 @@ class TraceCollector:
                                                    **{k: json.dumps(v) for k, v in self._rs_identity().items()}},
         )
         total = sum(len(c) for _, c in work)
-        tokens, t0 = 0, time.perf_counter()
+        tokens, done, t0 = 0, 0, time.perf_counter()
         columns = [TextColumn("collect {task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[tokens]} tokens, {task.fields[rate]:.1f} tok/s"), TimeElapsedColumn()]
-        with Progress(*columns, disable=not self.progress) as bar:
+        lines = RateLog(log, f"collect {teacher.name}", total, "prompts", self.log_every_s)
+        with Progress(*columns, disable=not (self.progress and interactive())) as bar:
             task = bar.add_task(teacher.name, total=total, tokens=0, rate=0.0)
             for chunk, prompts in work:
                 results = teacher.generate([p.prompt for p in prompts], self.sampling,
@@ -223,8 +227,11 @@ class TraceCollector:
                         tokens += r.completion_tokens
                 write_trace_shard(rows, self.shard_path(trace_dir, chunk),
                                   {**meta, "bitnet_kde.failures": json.dumps(failures)})
-                bar.update(task, advance=len(prompts), tokens=tokens,
-                           rate=tokens / max(time.perf_counter() - t0, 1e-9))
+                done += len(prompts)
+                rate = tokens / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, advance=len(prompts), tokens=tokens, rate=rate)
+                if self.progress and not interactive():
+                    lines.update(done, f"{tokens} tokens, {rate:.1f} tok/s")
 
     def _row(self, prompt: Prompt, seq: TeacherSequence, teacher: Teacher, identity: bool) -> dict:
         if identity:
