@@ -475,7 +475,7 @@ def check_store(url: str | os.PathLike, *, timeout_s: float = 10.0) -> str:
         raise StorageError(f"storage backend '{b.name}': cannot use {s} at {endpoint}: no answer within "
                            f"{timeout_s:.0f} s; check {settings} (the endpoint), the network and the credentials"
                            ) from None
-    except FileNotFoundError as e:
+    except FileNotFoundError:
         raise StorageError(f"storage backend '{b.name}' at {endpoint}: bucket or folder {top!r} does not exist "
                            f"({s}); create it (make ensure_dirs) or fix the URL") from None
     except Exception as e:  # noqa: BLE001 - every transport/auth failure becomes one clear message

@@ -20,7 +20,7 @@ from bitnet_kde.eval.evaluate import load_eval_student
 from bitnet_kde.model.packed import packed_copy
 from bitnet_kde.model.pretrained import PretrainedError, from_llama, select_layers
 from bitnet_kde.settings import SettingsError
-from bitnet_kde.tokenizer import load_tokenizer, smollm2_gguf, tokenizer_hash
+from bitnet_kde.tokenizer import load_tokenizer, tokenizer_hash
 from bitnet_kde.training import ActivationFlip, DistillationModule
 from bitnet_kde.training.module import quant_lambda
 from bitnet_kde.training.warmstart import check_tokenizer, from_pretrained, locate
