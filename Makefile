@@ -69,7 +69,7 @@ dryrun: install ensure_dirs ## 7B student: exact size, memory plan, packed forwa
 	$(PY) dryrun.py $(ARGS)
 
 pipeline: install ## teacher -> collect -> train -> eval -> dryrun, finished stages reused -> reports/pipeline_summary.json (GATE=1)
-	$(PY) pipeline.py $(ARGS) $(if $(filter 1 true yes,$(GATE)),pipeline.gate=true)
+	$(TRAIN_MALLOC_ENV) $(PY) pipeline.py $(ARGS) $(if $(filter 1 true yes,$(GATE)),pipeline.gate=true)
 
 bench: install ## benchmark training throughput: quantized vs dense student (see docs/BENCHMARKS.md)
 	$(PY) scripts/bench_train.py $(ARGS)
