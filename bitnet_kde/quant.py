@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ternary_weight",
+    "ternary_fractions",
     "quantize_activations",
     "fake_quant_weight",
     "fake_quant_activations",
@@ -43,6 +44,15 @@ def ternary_weight(w: torch.Tensor, eps: float = WEIGHT_EPS) -> tuple[torch.Tens
     scale = torch.linalg.vector_norm(w, ord=1) / max(w.numel(), 1) + eps
     wq = (w * (1.0 / scale)).round_().clamp_(-1, 1)
     return wq, scale
+
+
+@torch.no_grad()
+def ternary_fractions(w: torch.Tensor) -> dict[str, float]:
+    """Fractions of -1 / 0 / +1 in the ternarized `w` and its scale (for logging)."""
+    wq, scale = ternary_weight(w.float())
+    n = max(wq.numel(), 1)
+    return {"neg": float((wq == -1).sum()) / n, "zero": float((wq == 0).sum()) / n,
+            "pos": float((wq == 1).sum()) / n, "scale": float(scale)}
 
 
 def _act_levels(bits: int) -> int:

@@ -58,3 +58,21 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes(tmp_path):
     resumed = run("fsdp", traces, tmp_path / "resumed", ckpt=ckpt)
     for rank in range(2):
         assert resumed[rank] == ranks[rank][STEPS // 2:]  # ids, losses, tokens and bits, bit for bit
+
+
+@pytest.mark.slow
+def test_train_py_with_fsdp_and_the_default_callbacks(tmp_path):
+    """`python train.py trainer=fsdp` on 2 CPU processes with every default callback: the
+    quantization statistics and the checkpoint health summaries gather sharded weights on both
+    ranks (a gather on one rank only would hang), and the training step reaches the fused loss
+    through `forward`, where FSDP2 gathers the embedding and the tied head."""
+    from conftest import run_train
+
+    run_train(tmp_path, "experiment=smoke", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+              "trainer.precision=32-true", "callbacks.quant_stats.every_n_steps=2")
+    (ckpts,) = (tmp_path / "logs" / "train" / "runs").glob("*/checkpoints")
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (ckpts / "last.ckpt").iterdir()}
+    health = json.loads((ckpts / "last_health.json").read_text())
+    assert health["step"] > 0 and health["ternary"]["layers"] == 14  # tiny: 2 blocks x 7 BitLinears
+    parts = sum(health["ternary"][k]["mean"] for k in ("neg", "zero", "pos"))
+    assert parts == pytest.approx(1.0) and health["nonfinite"]["weights"] == 0

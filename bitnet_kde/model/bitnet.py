@@ -41,6 +41,7 @@ from torch import nn
 from bitnet_kde.quant import (
     fake_quant_activations,
     pack_ternary,
+    ternary_fractions,
     ternary_linear,
     ternary_weight,
     unpack_ternary,
@@ -183,17 +184,9 @@ class BitLinear(nn.Linear):
         # Keeps the latent weight for backward, not a dequantized copy (quant.ternary_linear).
         return ternary_linear(xq, self.weight, self.quant_lambda)
 
-    @torch.no_grad()
     def ternary_stats(self) -> dict[str, float]:
         """Fractions of -1 / 0 / +1 in the ternarized weight and its scale (for logging)."""
-        wq, scale = ternary_weight(self.weight.float())
-        n = wq.numel()
-        return {
-            "neg": float((wq == -1).sum()) / n,
-            "zero": float((wq == 0).sum()) / n,
-            "pos": float((wq == 1).sum()) / n,
-            "scale": float(scale),
-        }
+        return ternary_fractions(self.weight)
 
     def extra_repr(self) -> str:
         mode = f"W1.58A{self.activation_bits}" if self.quantize else "dense"
@@ -456,9 +449,16 @@ class BitNetLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.embed.weight.numel() if exclude_embedding else n
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits for `input_ids`; with a `cache`, the ids continue the cached tokens."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits for `input_ids`; with a `cache`, the ids continue the cached tokens.
+
+        `return_hidden=True` returns `hidden_states` instead of logits. Training asks for them
+        through `forward` rather than calling `hidden_states`, because FSDP2 gathers the sharded
+        parameters of the root module (embedding, final norm, tied head) in hooks on `forward`.
+        """
+        x = self.hidden_states(input_ids, cache)
+        return x if return_hidden else self.lm_head(x)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final normed hidden states [B, T, d] that `lm_head` projects to logits.

@@ -12,14 +12,21 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.distributed.tensor import DTensor
 
 from bitnet_kde import storage
 from bitnet_kde.progress import RateLog, interactive
-from bitnet_kde.quant import ternary_weight
+from bitnet_kde.quant import ternary_fractions, ternary_weight
 from bitnet_kde.training.flip import ActivationFlip
 from bitnet_kde.training.module import NonFiniteLossError
 
 log = logging.getLogger(__name__)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """`t`, gathered when FSDP holds it as shards (a DTensor). Gathering is a collective: every
+    rank must make the same calls, so statistics are computed on all ranks and logged on one."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
@@ -62,23 +69,29 @@ class QuantStats(pl.Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or step % self.every_n_steps or not trainer.loggers:
+        if step % self.every_n_steps or not trainer.loggers:
             return
-        metrics, scales = {}, []
-        for name, layer in pl_module.model.named_bitlinears():
-            stats = layer.ternary_stats()
+        metrics, scales, codes = {}, [], {}
+        tb = _tensorboard(trainer) if self.histograms else None
+        for name, layer in pl_module.model.named_bitlinears():  # every rank: see _whole
+            w = _whole(layer.weight)
+            if not trainer.is_global_zero:
+                continue
+            stats = ternary_fractions(w)
             short = name.replace("blocks.", "b").replace(".weight", "")
             metrics.update({f"quant/{short}/{k}": v for k, v in stats.items()})
             scales.append(stats["scale"])
+            if tb is not None:
+                codes[name] = ternary_weight(w.float())[0].flatten()
+        if not trainer.is_global_zero:
+            return
         if metrics:
             for lg in trainer.loggers:
                 lg.log_metrics(metrics, step=step)
-        tb = _tensorboard(trainer)
-        if tb is not None and self.histograms and scales:
+        if tb is not None and scales:
             tb.experiment.add_histogram("quant/scales", torch.tensor(scales), step)
-            for name, layer in pl_module.model.named_bitlinears():
-                wq, _ = ternary_weight(layer.weight.float())
-                tb.experiment.add_histogram(f"quant_hist/{name}", wq.flatten(), step, bins=3)
+            for name, wq in codes.items():
+                tb.experiment.add_histogram(f"quant_hist/{name}", wq, step, bins=3)
 
 
 class HparamsMetrics(pl.Callback):
@@ -156,10 +169,10 @@ class HealthCheckpoint(ModelCheckpoint):
         flip = next((c for c in trainer.callbacks if isinstance(c, ActivationFlip)), None)
         fractions: dict[str, list[float]] = {"neg": [], "zero": [], "pos": []}
         for _, layer in pl_module.model.named_bitlinears():
-            stats = layer.ternary_stats()
+            stats = ternary_fractions(_whole(layer.weight))
             for k in fractions:
                 fractions[k].append(stats[k])
-        weights_bad = sum(int((~torch.isfinite(p)).sum()) for p in pl_module.parameters())
+        weights_bad = sum(int((~torch.isfinite(_whole(p))).sum()) for p in pl_module.parameters())
         return {
             "step": trainer.global_step,
             "epoch": trainer.current_epoch,
@@ -184,8 +197,8 @@ class HealthCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         grads, grad_steps = self._grad_counts(trainer.global_step)
+        health = self.health(trainer, trainer.lightning_module, grads, grad_steps)  # every rank: see _whole
         if trainer.is_global_zero:
-            health = self.health(trainer, trainer.lightning_module, grads, grad_steps)
             storage.write_json_atomic(health_path(filepath), {"checkpoint": storage.name_of(filepath), **health})
 
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:

@@ -120,8 +120,8 @@ class DistillationModule(pl.LightningModule):
 
     def _step(self, batch: dict, stage: str, batch_idx: int = 0) -> torch.Tensor:
         # The fused head + loss projects a chunk of positions at a time: no [B, T, V] logits.
-        out = self.loss_fn(ProjectedLogits(self.model.hidden_states(batch["input_ids"]), self.model.lm_head.weight),
-                           batch)
+        hidden = self.model(batch["input_ids"], return_hidden=True)
+        out = self.loss_fn(ProjectedLogits(hidden, self.model.lm_head.weight), batch)
         if stage == "train":
             self._check_finite(out, batch_idx)
         n = int(out["n_tokens"])
