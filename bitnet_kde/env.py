@@ -89,12 +89,18 @@ def storage_lines(cfg) -> tuple[list[str], list[str]]:
     problems += [f"storage {b.name}: {m} is not set" for m in storage.missing_variables(b)]
     if storage.bucket_problem(root):
         problems.append(f"storage {b.name}: {storage.bucket_problem(root)}")
+    return _reachable(lines, problems, lambda: storage.setup(cfg)[0], storage.StorageError)
+
+
+def _reachable(lines: list[str], problems: list[str], probe, error: type[Exception]) -> tuple[list[str], list[str]]:
+    """Add the reachability line: not checked while variables are missing, else what `probe()`
+    answers (an `error` becomes a problem)."""
     if problems:
         lines.append("  reachable                        not checked (variables missing)")
         return lines, problems
     try:
-        lines.append(f"  reachable                        yes: {storage.setup(cfg)[0]}")
-    except storage.StorageError as e:
+        lines.append(f"  reachable                        yes: {probe()}")
+    except error as e:
         lines.append("  reachable                        no")
         problems.append(str(e))
     return lines, problems
@@ -114,15 +120,7 @@ def records_lines(cfg) -> tuple[list[str], list[str]]:
     for opt, var in {**store.env, **(rc.get("env") or {})}.items():
         lines.append(f"  {var:<32} {_mark(var)} ({'required' if opt in required else 'optional'})")
     problems += [f"records {store.name}: {m} is not set" for m in records.missing_variables(rc)]
-    if problems:
-        lines.append("  reachable                        not checked (variables missing)")
-        return lines, problems
-    try:
-        lines.append(f"  reachable                        yes: {records.check(cfg)}")
-    except records.RecordError as e:
-        lines.append("  reachable                        no")
-        problems.append(str(e))
-    return lines, problems
+    return _reachable(lines, problems, lambda: records.check(cfg), records.RecordError)
 
 
 def check(argv: list[str]) -> int:
