@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bitnet_kde.kd.traces import (DUPLICATE_HINT, RECOLLECT, TraceValidationError, _check_same_trace_set,
-                                   _check_types, _file_sha256, _manifest_entries, _mismatch, arrow_path,
-                                   check_run_match, check_schema_version, list_offsets, table_metadata, trace_schema,
+from bitnet_kde.kd.traces import (DUPLICATE_HINT, RECOLLECT, TraceValidationError, arrow_path, check_column_types,
+                                   check_run_match, check_same_trace_set, check_schema_version, file_sha256,
+                                   list_offsets, manifest_entries, manifest_mismatch, table_metadata, trace_schema,
                                    validate_traces)
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class TraceIndex:
 
         Raises `TraceValidationError` naming the shard (and row) of the first problem.
         """
-        entries = _manifest_entries(trace_dir)
+        entries = manifest_entries(trace_dir)
         if not entries:
             raise TraceValidationError(f"{trace_dir}: no *.parquet trace shards in this folder")
         index = cls(str(trace_dir), val_fraction, max_seq_len)
@@ -92,9 +92,9 @@ class TraceIndex:
         footers: list[pa.Table] = []  # empty tables: the schema and metadata of each shard
         for s, (path, entry) in enumerate(entries):
             if entry is not None and verify_sha256:
-                sha = _file_sha256(path)
+                sha = file_sha256(path)
                 if sha != entry["sha256"]:
-                    raise TraceValidationError(f"{_mismatch(path, entry, sha)}; {RECOLLECT}")
+                    raise TraceValidationError(f"{manifest_mismatch(path, entry, sha)}; {RECOLLECT}")
             src, fs = arrow_path(path)
             try:
                 pf = pq.ParquetFile(src, filesystem=fs, page_checksum_verification=True)
@@ -102,11 +102,12 @@ class TraceIndex:
             except (pa.ArrowException, OSError) as e:
                 raise _unreadable(path, e) from e
             if entry is not None and pf.metadata.num_rows != entry["rows"]:
-                raise TraceValidationError(f"{_mismatch(path, entry, 'n/a', pf.metadata.num_rows)}; {RECOLLECT}")
+                why = manifest_mismatch(path, entry, "n/a", pf.metadata.num_rows)
+                raise TraceValidationError(f"{why}; {RECOLLECT}")
             footers.append(schema.empty_table())
             meta = table_metadata(footers[-1])
             check_schema_version(path, meta, schema)
-            _check_types(path, schema)
+            check_column_types(path, schema)
             if not s:
                 index.metadata = meta
                 check_run_match(meta, str(trace_dir), vocab_size=vocab_size, k_max=k_max)
@@ -126,7 +127,7 @@ class TraceIndex:
                     counts[split][1].append(int(loss[mask].sum()))
                 hashes.append(np.array(h, dtype=np.uint64))
             index.shards.append(path)
-        _check_same_trace_set(index.shards, footers)
+        check_same_trace_set(index.shards, footers)
         index.rows = {s: np.array(c[0], dtype=np.int64) for s, c in counts.items()}
         index.loss_tokens = {s: np.array(c[1], dtype=np.int64) for s, c in counts.items()}
         all_h = np.concatenate(hashes)

@@ -56,6 +56,11 @@ __all__ = [
     "write_manifest",
     "manifest_complete",
     "mismatched_shards",
+    "manifest_entries",
+    "manifest_mismatch",
+    "file_sha256",
+    "check_same_trace_set",
+    "check_column_types",
     "check_run_match",
 ]
 
@@ -258,9 +263,8 @@ def _read_manifest(trace_dir) -> dict | None:
         raise TraceValidationError(f"{url}: not valid JSON ({e}); delete it and re-run collection") from e
 
 
-def _manifest_entries(trace_dir) -> list[tuple[Path | str, dict | None]]:
-    """(shard, its manifest entry) for every shard of a folder: those `manifest.json` lists (with
-    their entries), else every visible `*.parquet` (entry None)."""
+def manifest_entries(trace_dir) -> list[tuple[Path | str, dict | None]]:
+    """(shard, its `manifest.json` entry) per shard of a folder; without a manifest every `*.parquet`, entry None."""
     info = _read_manifest(trace_dir)
     names = folder_names(trace_dir)
     if info is None:
@@ -290,10 +294,10 @@ def list_shards(trace_dir: str | os.PathLike) -> list[Path | str]:
     (temporary files of unfinished writes) are never returned. Local folders give `Path`s,
     storage URLs give URL strings.
     """
-    return [path for path, _ in _manifest_entries(trace_dir)]
+    return [path for path, _ in manifest_entries(trace_dir)]
 
 
-def _file_sha256(path, sink=None) -> str:
+def file_sha256(path, sink=None) -> str:
     """sha256 of a file, streamed in 1 MiB blocks through storage (any store); each block also
     goes to `sink` when given."""
     digest = hashlib.sha256()
@@ -308,11 +312,11 @@ def _file_sha256(path, sink=None) -> str:
 def _read_hashed(path) -> tuple[bytes, str]:
     """The bytes of a file and their sha256, hashed while they stream in (one read)."""
     blocks: list[bytes] = []
-    sha = _file_sha256(path, blocks.append)
+    sha = file_sha256(path, blocks.append)
     return b"".join(blocks), sha
 
 
-def _mismatch(path, entry: dict, sha256: str, rows: int | str | None = None) -> str:
+def manifest_mismatch(path, entry: dict, sha256: str, rows: int | str | None = None) -> str:
     """What is wrong with a shard whose bytes (or row count) differ from its manifest entry."""
     counted = "" if rows is None else f"; {rows} rows, the manifest says {entry.get('rows')}"
     return (f"{path}: does not match its manifest.json entry (sha256 {sha256[:16]}..., the manifest says "
@@ -331,9 +335,9 @@ def mismatched_shards(trace_dir: str | os.PathLike) -> dict[str, str]:
     for e in info["shards"]:
         if isinstance(e, dict) and e.get("file") in names:
             path = storage.join(trace_dir, e["file"])
-            sha = _file_sha256(path)
+            sha = file_sha256(path)
             if sha != e.get("sha256"):
-                bad[e["file"]] = _mismatch(path, e, sha)
+                bad[e["file"]] = manifest_mismatch(path, e, sha)
     return bad
 
 
@@ -349,14 +353,14 @@ def read_traces(source, *, vocab_size: int | None = None, k_max: int = 128) -> p
     if isinstance(source, (list, tuple)):
         files = [(f, None) for f in source]
     elif _is_dir(source):
-        files = _manifest_entries(source)
+        files = manifest_entries(source)
         if not files:
             raise TraceValidationError(f"{source}: no *.parquet trace shards in this folder")
     else:
         files = [(source, None)]
     tables = [_read_one(f, entry, vocab_size=vocab_size, k_max=k_max) for f, entry in files]
     paths = [f for f, _ in files]
-    _check_same_trace_set(paths, tables)
+    check_same_trace_set(paths, tables)
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     if len(tables) > 1 and pc.count_distinct(table.column("id")).as_py() != table.num_rows:
         _fail_duplicate_across(paths, tables)
@@ -383,7 +387,7 @@ def _read_one(path, entry: dict | None, *, vocab_size: int | None, k_max: int) -
                     rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
                 except (pa.ArrowException, OSError):
                     rows = "unreadable"
-                raise TraceValidationError(f"{_mismatch(path, entry, sha, rows)}; {RECOLLECT}")
+                raise TraceValidationError(f"{manifest_mismatch(path, entry, sha, rows)}; {RECOLLECT}")
             table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
         # The footer (names, metadata) has no checksum, and files made elsewhere may have none at
         # all: text that is not UTF-8 is damage too, found here rather than deep in a later step.
@@ -395,9 +399,9 @@ def _read_one(path, entry: dict | None, *, vocab_size: int | None, k_max: int) -
             "Delete it and re-run collection to regenerate it."
         ) from e
     if entry is not None and table.num_rows != entry["rows"]:
-        raise TraceValidationError(f"{_mismatch(path, entry, sha, table.num_rows)}; {RECOLLECT}")
+        raise TraceValidationError(f"{manifest_mismatch(path, entry, sha, table.num_rows)}; {RECOLLECT}")
     check_schema_version(path, meta, table.schema)
-    _check_types(path, table.schema)
+    check_column_types(path, table.schema)
     schema = trace_schema(table.schema)
     table = table.select(schema.names)
     validate_traces(table, name=str(path), vocab_size=vocab_size, k_max=k_max)
@@ -408,7 +412,8 @@ SET_KEYS = ("student_tokenizer_hash", "vocab_size")
 """Metadata every file of one trace set shares: ids only mean something under one tokenizer."""
 
 
-def _check_same_trace_set(paths: list, tables: list[pa.Table]) -> None:
+def check_same_trace_set(paths: list, tables: list[pa.Table]) -> None:
+    """Refuse shards (tables or footers) whose `SET_KEYS` metadata differ: two trace sets mixed."""
     first: dict[str, tuple] = {}
     for path, table in zip(paths, tables):
         meta = table_metadata(table)
@@ -435,7 +440,8 @@ def _fail_duplicate_across(paths: list, tables: list[pa.Table]) -> None:
             seen[rid] = (path, row)
 
 
-def _check_types(path, schema: pa.Schema) -> None:
+def check_column_types(path, schema: pa.Schema) -> None:
+    """Refuse a shard schema that lacks a trace column or holds it with an incompatible type."""
     for field in trace_schema(schema):
         if field.name not in schema.names:
             raise TraceValidationError(f"{path}: missing column '{field.name}' (expected {field.type})")
@@ -641,7 +647,7 @@ def write_manifest(trace_dir: str | os.PathLike, shards: list, info: dict) -> Pa
     for shard in shards:
         src, fs = arrow_path(shard)
         rows = pq.ParquetFile(src, filesystem=fs).metadata.num_rows
-        entries.append({"file": storage.name_of(shard), "rows": rows, "sha256": _file_sha256(shard)})
+        entries.append({"file": storage.name_of(shard), "rows": rows, "sha256": file_sha256(shard)})
     manifest = {"schema_version": SCHEMA_VERSION, **info, "shards": entries,
                 "rows": sum(e["rows"] for e in entries)}
     return storage.write_text_atomic(storage.join(trace_dir, "manifest.json"),
