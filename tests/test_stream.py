@@ -1,5 +1,5 @@
 """Streamed traces: disjoint rank/worker slices, loader state round trip, and a shard that
-becomes unreadable mid-epoch."""
+becomes unreadable mid-epoch; a run start hashes each shard once."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from bitnet_kde.data import KDTraceDataModule, split_of
+from bitnet_kde.kd import traces as traces_mod
 from bitnet_kde.kd.synthetic import BigramTraceSource
 from bitnet_kde.kd.traces import TraceValidationError, list_shards, read_traces
 
@@ -106,3 +107,45 @@ def test_a_shard_truncated_mid_epoch_stops_naming_it(traces, tmp_path):
     with pytest.raises(TraceValidationError, match=r"kd-\w+-\d{5}\.parquet: not a readable Parquet file"):
         for _ in it:
             pass
+
+
+def count_hashing(monkeypatch) -> Counter:
+    """Shard name -> how often its bytes were read to compute a sha256."""
+    read = traces_mod._read_sha256
+    counts = Counter()
+
+    def counted(path, sink):
+        counts[path.name] += 1
+        return read(path, sink)
+
+    monkeypatch.setattr(traces_mod, "_read_sha256", counted)
+    return counts
+
+
+def test_a_run_start_hashes_each_shard_once(tmp_path, monkeypatch):
+    src = BigramTraceSource(vocab_size=VOCAB, k=5, num_sequences=40, prompt_len=(2, 4), completion_len=(8, 16),
+                            shard_rows=10)
+    src.write(tmp_path)
+    # the shards were written well before the run hashes them (a fresh write is hashed again)
+    monkeypatch.setattr(traces_mod, "RACY_NS", 0)
+    counts = count_hashing(monkeypatch)
+    dm = KDTraceDataModule(str(tmp_path), vocab_size=VOCAB, source=src, num_workers=0, val_fraction=0.25)
+    dm.prepare_data()  # the completeness check hashes every shard ...
+    dm.setup()  # ... and the scan reuses those hashes
+    shards = [s.name for s in list_shards(tmp_path)]
+    assert len(shards) == 4 and counts == Counter(shards)
+
+
+def test_a_shard_changed_after_it_was_hashed_is_hashed_again_and_refused(tmp_path, monkeypatch):
+    src = BigramTraceSource(vocab_size=VOCAB, k=5, num_sequences=40, prompt_len=(2, 4), completion_len=(8, 16),
+                            shard_rows=10)
+    src.write(tmp_path)
+    counts = count_hashing(monkeypatch)
+    assert src.is_complete(tmp_path)
+    shard = list_shards(tmp_path)[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1  # same size, possibly within the same timestamp tick as the hashing
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TraceValidationError, match=f"{shard.name}: does not match its manifest.json entry"):
+        KDTraceDataModule(str(tmp_path), vocab_size=VOCAB, num_workers=0, val_fraction=0.25).setup()
+    assert counts[shard.name] == 2

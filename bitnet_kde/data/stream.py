@@ -3,7 +3,8 @@ reads one Parquet row group at a time, so a rank holds O(batch + row group) of t
 whatever the size of the trace set.
 
 `TraceIndex.scan` reads each shard once when a run starts: it checks the shard against its
-`manifest.json` entry (sha256 streamed in 1 MiB blocks, row count from the footer), its schema,
+`manifest.json` entry (sha256 streamed in 1 MiB blocks, not again for a local shard the same
+process hashed unchanged in its completeness check; row count from the footer), its schema,
 and reads only the small columns (`id`, `input_ids`, `completion_start`) to count, per row group,
 the rows and loss tokens of each split. Ids are kept as 8-byte hashes (duplicate check) and
 then dropped: the index costs O(row groups), plus 8 bytes per row while it is built.

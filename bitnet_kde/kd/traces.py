@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -297,9 +298,42 @@ def list_shards(trace_dir: str | os.PathLike) -> list[Path | str]:
     return [path for path, _ in manifest_entries(trace_dir)]
 
 
+RACY_NS = 2_000_000_000
+"""A hash is kept only for a file last changed more than this before its hashing began: a rewrite
+within the same file-system timestamp tick (up to 2 s on some file systems) keeps mtime and ctime."""
+
+_HASHED: dict[tuple, str] = {}
+"""(path, device, inode, size, mtime, ctime) of a local file -> the sha256 this process read."""
+
+
+def _local_identity(path) -> tuple | None:
+    """What changes whenever a local file's bytes change; None on remote stores (not cached)."""
+    if not storage.is_local(path):
+        return None
+    local = os.path.realpath(storage.local_path(path))
+    st = os.stat(local)
+    return local, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def file_sha256(path, sink=None) -> str:
     """sha256 of a file, streamed in 1 MiB blocks through storage (any store); each block also
-    goes to `sink` when given."""
+    goes to `sink` when given.
+
+    Without `sink`, a local file this process already hashed and that has not changed since is
+    not read again: a run's completeness check and its trace scan hash each shard once.
+    """
+    identity = _local_identity(path)
+    if sink is None and identity in _HASHED:
+        return _HASHED[identity]
+    started = time.time_ns()
+    sha = _read_sha256(path, sink)
+    if identity is not None and started - identity[-1] > RACY_NS and _local_identity(path) == identity:
+        _HASHED[identity] = sha
+    return sha
+
+
+def _read_sha256(path, sink) -> str:
+    """One read of the file's bytes into the digest (and `sink`)."""
     digest = hashlib.sha256()
     with storage.open_url(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
