@@ -11,6 +11,7 @@ loss, no [B, T, V] logits).
 
     python scripts/bench_train.py                  # mini, batch 8 x 256, vocab 49152
     python scripts/bench_train.py --model tiny --vocab 512 --rounds 2
+    python scripts/bench_train.py --override model.d_model=384 --override model.n_heads=6   # another width
     python scripts/bench_train.py --memory         # 7b widths, 2 blocks: activation memory, predicted vs measured
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python scripts/bench_train.py --churn 8   # sys time, faults
 """
@@ -24,14 +25,38 @@ import resource
 import statistics
 import time
 import weakref
+from dataclasses import fields
 
 import torch
+from omegaconf import OmegaConf
 
 from bitnet_kde.dryrun import rss_bytes
 from bitnet_kde.losses import DistillationLoss, LossConfig
 from bitnet_kde.model import BitNetConfig, BitNetLM
 from bitnet_kde.model.sizing import measure_flops_per_token
 from bitnet_kde.runinfo import describe, run_info
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """`model.*` / `loss.*` overrides in train.yaml's dotted form (`model.d_model=384`), as
+    {"model": BitNetConfig fields, "loss": LossConfig fields}; other keys do not shape the step."""
+    given = OmegaConf.to_container(OmegaConf.from_dotlist(items))
+    out = {"model": given.pop("model", {}), "loss": given.pop("loss", {})}
+    if given or not all(isinstance(v, dict) for v in out.values()):
+        raise ValueError(f"--override {' '.join(items)}: only model.<field>=value and loss.<field>=value "
+                         "shape the benchmarked step")
+    if "quantize" in out["model"]:
+        raise ValueError("--override model.quantize: the benchmark times the quantized and the dense model both")
+    unknown = set(out["loss"]) - {f.name for f in fields(LossConfig)}
+    if unknown:
+        raise ValueError(f"--override: unknown LossConfig fields {sorted(unknown)}")
+    return out
+
+
+def model_config(args, **fixed) -> BitNetConfig:
+    """The `--model` preset at `--vocab` and a context of at least 256, with the `model.*` overrides."""
+    spec = {"vocab_size": args.vocab, "max_seq_len": max(args.seq, 256), **args.overrides["model"], **fixed}
+    return BitNetConfig.from_name(args.model, **spec)
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -65,7 +90,9 @@ def step_loss(model, loss_fn, batch, fused: bool = True) -> dict:
         return loss_fn(model(batch["input_ids"]), batch)
     from bitnet_kde.losses import ProjectedLogits
 
-    return loss_fn(ProjectedLogits(model.hidden_states(batch["input_ids"]), model.lm_head.weight), batch)
+    # through forward, as the training step asks (FSDP2 gathers the root's parameters in its hooks)
+    hidden = model(batch["input_ids"], return_hidden=True)
+    return loss_fn(ProjectedLogits(hidden, model.lm_head.weight), batch)
 
 
 def timed_steps(model, loss_fn, opt, batch, steps: int, fused: bool = True, clock=time.perf_counter) -> float:
@@ -119,11 +146,10 @@ def churn_steps(steps: int, args, fused: bool = True) -> dict:
     batch. Run it under the allocator settings to compare (`TRAIN_MALLOC_ENV` in the Makefile).
     """
     torch.manual_seed(0)
-    cfg = BitNetConfig.from_name(args.model, vocab_size=args.vocab, max_seq_len=max(args.seq, 256))
-    model = BitNetLM(cfg)
+    model = BitNetLM(model_config(args))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = make_batch(args.batch, args.seq, args.vocab, args.k, torch.Generator().manual_seed(0))
-    loss_fn = DistillationLoss(LossConfig())
+    loss_fn = DistillationLoss(LossConfig(**args.overrides["loss"]))
 
     def step():
         step_loss(model, loss_fn, batch, fused)["loss"].backward()
@@ -170,10 +196,18 @@ def main() -> None:
     p.add_argument("--churn", type=int, metavar="STEPS", help="CPU time split and page faults of STEPS steps instead")
     p.add_argument("--memory", action="store_true", help="activation memory of a 7b-width step instead")
     p.add_argument("--layers", type=int, default=2, help="blocks of the --memory model")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train.yaml model.* or loss.* setting, e.g. model.d_model=384 (repeatable)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
+    try:
+        args.overrides = parse_overrides(args.override)
+    except ValueError as e:
+        p.error(str(e))
+    if args.memory and args.override:
+        p.error("--override: --memory measures the fixed 7b widths; drop the overrides or --memory")
     if args.churn:
-        result = {**run_info(device="cpu"), **churn_steps(args.churn, args)}
+        result = {**run_info(device="cpu"), "overrides": args.override, **churn_steps(args.churn, args)}
         print(json.dumps(result))
         return
     if args.memory:
@@ -186,7 +220,7 @@ def main() -> None:
     torch.manual_seed(0)
     peak = matmul_peak()
     batch = make_batch(args.batch, args.seq, args.vocab, args.k, torch.Generator().manual_seed(0))
-    loss_fn = DistillationLoss(LossConfig())
+    loss_fn = DistillationLoss(LossConfig(**args.overrides["loss"]))
     # process CPU time (all threads) holds up better than wall time on a machine shared with other jobs
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     variants = [("bitnet", True, True), ("dense", False, True)]
@@ -194,8 +228,7 @@ def main() -> None:
         variants.append(("bitnet_logits", True, False))  # the loss on full [B, T, V] logits
     runs = {}
     for name, quantize, fused in variants:
-        cfg = BitNetConfig.from_name(args.model, vocab_size=args.vocab, quantize=quantize,
-                                     max_seq_len=max(args.seq, 256))
+        cfg = model_config(args, quantize=quantize)
         model = BitNetLM(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         timed_steps(model, loss_fn, opt, batch, 1, fused)  # warm-up (allocator, kernels)
@@ -208,7 +241,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     flops_tok = measure_flops_per_token(runs["bitnet"]["cfg"], args.seq)
     result = {**run_info(device="cpu"), "model": args.model, "params": runs["bitnet"]["model"].num_parameters(),
-              "batch": [args.batch, args.seq], "vocab": args.vocab, "k": args.k,
+              "overrides": args.override, "batch": [args.batch, args.seq], "vocab": args.vocab, "k": args.k,
               "matmul_peak_gflops": peak / 1e9, "flops_per_token_train": flops_tok}
     for name, r in runs.items():
         sec = statistics.median(r["times"])
@@ -220,7 +253,8 @@ def main() -> None:
                                                   / result["bitnet_logits"]["sec_per_step"])
 
     print(f"machine: {describe(result['machine'])}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{args.model}: {result['params'] / 1e6:.1f}M params, batch {args.batch}x{args.seq}, vocab {args.vocab}")
+    print(f"{' '.join([args.model, *args.override])}: {result['params'] / 1e6:.1f}M params, "
+          f"batch {args.batch}x{args.seq}, vocab {args.vocab}")
     print(f"{'variant':<13} {'s/step':>8} {'tokens/s':>10} {'MFU':>7}")
     for name in runs:
         r = result[name]

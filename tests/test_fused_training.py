@@ -22,7 +22,7 @@ def test_training_step_loss_and_gradients_equal_the_loss_on_logits():
              "format_mask": torch.rand(b, t, generator=g) < 0.3, "topk_ids": torch.randint(0, 96, (b, t, k), generator=g),
              "topk_logprobs": lp[..., :k], "other_logprob": lp[..., k]}
     loss_fn = DistillationLoss(LossConfig(chunk_size=7))
-    hidden = model.hidden_states(ids)
+    hidden = model(ids, return_hidden=True)  # as the training step asks (FSDP2 hooks on forward)
     assert torch.equal(model.lm_head(hidden), model(ids))
     grads = []
     for out in (loss_fn(ProjectedLogits(hidden, model.lm_head.weight), batch), loss_fn(model(ids), batch)):
