@@ -14,6 +14,7 @@ stops the chain (docs/PIPELINE.md).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,9 @@ log = logging.getLogger("pipeline")
 @hydra.main(version_base="1.3", config_path="configs", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
     settings.check(cfg, exit_on_error=True)
-    storage.setup(cfg, cfg.pipeline.summary_path, exit_on_error=True)
+    # the summary is written atomically (a temporary file renamed in its folder): that folder is
+    # what must be writable, and what the storage line names
+    storage.setup(cfg, os.path.dirname(os.fspath(cfg.pipeline.summary_path)) or ".", exit_on_error=True)
     pipeline = Pipeline(cfg, HydraConfig.get().overrides.task, scripts_dir=Path(__file__).resolve().parent)
     summary = pipeline.run()
     if cfg.pipeline.gate and summary["status"] == "gate_failed":
