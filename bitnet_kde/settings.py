@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from bitnet_kde.model import BitNetConfig
-from bitnet_kde.model.pretrained import split_spec
+from bitnet_kde.model.pretrained import SUBLN_INITS, split_spec
 
 __all__ = ["RULES", "SettingsError", "check"]
 
@@ -224,6 +224,9 @@ def _check_warm_start(cfg: DictConfig) -> None:
                       "(every block)")
     if layers not in (_MISSING, None) and source in (_MISSING, None):
         raise _refuse("model.init_layers", layers, "null without model.init_from (there are no source blocks)")
+    subln_init = _value(cfg, "model.init_subln")
+    if subln_init not in (_MISSING, None, *SUBLN_INITS):
+        raise _refuse("model.init_subln", subln_init, f"one of {', '.join(SUBLN_INITS)}")
     warmup, steps = _value(cfg, "optim.quant_warmup_steps"), _value(cfg, "trainer.max_steps")
     if _is_number(warmup, True) and _is_number(steps, True) and warmup > 0 and steps > 0 and warmup >= steps:
         raise _refuse("optim.quant_warmup_steps", warmup, f"< trainer.max_steps ({steps}) so the run ends fully "

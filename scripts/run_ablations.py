@@ -11,7 +11,8 @@ Sets:
 - `loss`: `python train.py experiment=ablation_<name>` (configs/experiment/) for the same steps.
 - `warmstart`: (a) the scratch default student, (b) a warm start from the embedded SmolLM2
   (`experiment=warmstart`), (c) the same without SubLN, (d) the full-precision source itself,
-  evaluated as it is (no training).
+  evaluated as it is (no training), (e) (b) with its SubLN norms starting at weight 1 instead
+  of calibrated.
 
 Each trained run is followed by `python eval.py ckpt_path=<its last.ckpt>`. The teacher's tokens/s
 and weight bytes are measured by the first evaluation and passed to the others, so every
@@ -74,10 +75,12 @@ SETS: dict[str, dict[str, Ablation]] = {
     },
     "warmstart": {
         "scratch": Ablation("(a) scratch mini", ("experiment=ablation_kd",)),
-        "warmstart": Ablation("(b) warm start, every 3rd SmolLM2 block, SubLN", ("experiment=warmstart",)),
-        "warmstart_no_subln": Ablation("(c) warm start, every 3rd SmolLM2 block, no SubLN",
+        "warmstart": Ablation("(b) warm start, 11 of SmolLM2's 30 blocks, SubLN", ("experiment=warmstart",)),
+        "warmstart_no_subln": Ablation("(c) warm start, 11 of SmolLM2's 30 blocks, no SubLN",
                                        ("experiment=warmstart", "model.subln=false")),
         "source": Ablation("(d) the source, full precision (ceiling)", None, ("init_from=teacher",)),
+        "warmstart_subln_one": Ablation("(e) as (b), SubLN starting at weight 1",
+                                        ("experiment=warmstart", "model.init_subln=one")),
     },
 }
 TITLES = {"loss": "Loss and activation ablations", "warmstart": "Warm start from a pretrained model"}

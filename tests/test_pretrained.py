@@ -18,12 +18,12 @@ from bitnet_kde.checkpoint import load_student
 from bitnet_kde.data import KDTraceDataModule
 from bitnet_kde.eval.evaluate import load_eval_student
 from bitnet_kde.model.packed import packed_copy
-from bitnet_kde.model.pretrained import PretrainedError, from_llama, select_layers
+from bitnet_kde.model.pretrained import PretrainedError, calibrate_subln, from_llama, select_layers
 from bitnet_kde.settings import SettingsError
 from bitnet_kde.tokenizer import load_tokenizer, tokenizer_hash
 from bitnet_kde.training import ActivationFlip, DistillationModule
 from bitnet_kde.training.module import quant_lambda
-from bitnet_kde.training.warmstart import check_tokenizer, from_pretrained, locate
+from bitnet_kde.training.warmstart import calibration_ids, check_tokenizer, from_pretrained, locate
 
 from conftest import ROOT, small_source
 
@@ -81,14 +81,14 @@ def test_gguf_teacher_logits_equal_the_transformers_forward():
 @pytest.mark.parametrize("layers, kept", [(2, [0, 2]), ([1, 3], [1, 3]), ([3], [3])])
 def test_layer_selection_copies_the_selected_blocks(tmp_path, layers, kept):
     folder, lm = llama(tmp_path)
-    student = from_pretrained(str(folder), layers=layers)
+    student = from_pretrained(str(folder), layers=layers, subln_init="one")
     assert student.cfg.n_layers == len(kept) and len(student.blocks) == len(kept)
     for j, i in enumerate(kept):
         src, dst = lm.model.layers[i], student.blocks[j]
         assert torch.equal(dst.attn.k_proj.weight, src.self_attn.k_proj.weight)
         assert torch.equal(dst.ffn.down_proj.weight, src.mlp.down_proj.weight)
         assert torch.equal(dst.ffn_norm.weight, src.post_attention_layernorm.weight)
-        # SubLN (on by default) has no source counterpart and starts at 1
+        # SubLN (on by default) has no source counterpart; subln_init="one" starts it at 1
         assert torch.equal(dst.attn.sub_norm.weight, torch.ones(64))
         assert torch.equal(dst.ffn.sub_norm.weight, torch.ones(96))
     assert torch.equal(student.norm.weight, lm.model.norm.weight)
@@ -106,7 +106,7 @@ def test_layer_subset_matches_the_same_subset_of_the_source(tmp_path):
 
 
 def test_lambda_zero_is_full_precision_and_one_is_ternary(tmp_path):
-    folder, _ = llama(tmp_path)
+    folder, _ = llama(tmp_path, tokenizer=True)
     student = from_pretrained(str(folder)).eval()
     dense = from_pretrained(str(folder), quantize=False).eval()
     with torch.no_grad():
@@ -116,6 +116,47 @@ def test_lambda_zero_is_full_precision_and_one_is_ternary(tmp_path):
         # the packed form computes the quantized forward from 2-bit codes: an independent path
         assert torch.equal(student(IDS), packed_copy(student)(IDS))
         assert not torch.allclose(student(IDS), dense(IDS))
+
+
+def test_calibrated_subln_keeps_a_typical_token_unchanged(tmp_path):
+    """Each SubLN weight is the median per-token RMS of its input in the full-precision forward, with
+    the blocks before it already calibrated: recomputed here by hand, block by block, from the
+    converted model without SubLN (whose forward is the source's)."""
+    folder, _ = llama(tmp_path, layers=3)
+    plain = from_pretrained(str(folder), subln=False, quantize=False).eval()
+    student = from_pretrained(str(folder), subln_init="one")
+    weights = calibrate_subln(student, IDS)
+    # block 0 sees exactly the source's activations: its attention SubLN input is the source's o_proj input
+    seen = []
+    plain.blocks[0].attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        plain(IDS)
+    want = seen[0].pow(2).mean(-1).sqrt().median()
+    torch.testing.assert_close(student.blocks[0].attn.sub_norm.weight, want.expand(64), rtol=1e-6, atol=0)
+    assert len(weights) == 6 and weights[0] == pytest.approx(float(want), rel=1e-6)
+    assert all(b.ffn.sub_norm.weight[0].item() == w for b, w in zip(student.blocks, weights[1::2], strict=True))
+    assert student.quant_lambda == 1.0  # restored after the full-precision pass
+    # calibrated, the converted model stays closer to the source than with SubLN at weight 1
+    one = from_pretrained(str(folder), subln_init="one", quantize=False).eval()
+    calibrated = from_pretrained(str(folder), subln_init="one", quantize=False).eval()
+    calibrate_subln(calibrated, IDS)
+    with torch.no_grad():
+        ref = plain(IDS)
+        assert (calibrated(IDS) - ref).abs().mean() < 0.5 * (one(IDS) - ref).abs().mean()
+
+
+def test_from_pretrained_calibrates_subln_on_the_shipped_prompts(tmp_path):
+    folder, _ = llama(tmp_path, tokenizer=True)
+    ids = calibration_ids(str(folder), max_len=128)
+    assert ids.shape == (4, 128)
+    student = from_pretrained(str(folder), quantize=False)
+    reference = from_pretrained(str(folder), subln_init="one", quantize=False)
+    calibrate_subln(reference, ids)
+    assert torch.equal(student.state_dict()["blocks.1.ffn.sub_norm.weight"],
+                       reference.state_dict()["blocks.1.ffn.sub_norm.weight"])
+    assert not torch.equal(student.blocks[1].ffn.sub_norm.weight, torch.ones(96))
+    with pytest.raises(PretrainedError, match="init_subln='rms': use one of median_rms, one"):
+        from_pretrained(str(folder), subln_init="rms")
 
 
 def test_quant_lambda_schedule_is_linear_then_one():
@@ -203,6 +244,7 @@ def composed(*overrides: str):
     ("model.init_layers=0", "model.init_layers=0: must be an integer stride >= 1"),
     ("model.init_layers=[1,-2]", "model.init_layers=[1, -2]: must be an integer stride"),
     ("optim.quant_warmup_steps=200", "optim.quant_warmup_steps=200: must be < trainer.max_steps (200)"),
+    ("model.init_subln=ones", "model.init_subln=ones: must be one of median_rms, one"),
 ])
 def test_settings_refuse_warm_start_keys(override, message):
     settings.check(composed("experiment=warmstart"))
@@ -249,7 +291,7 @@ def test_warm_started_checkpoint_reloads_without_the_source(trace_dir, tmp_path)
     folder, _ = llama(tmp_path, layers=3, tokenizer=True)
     module = DistillationModule({"name": "tiny", "vocab_size": 256, "max_seq_len": 64, "init_from": str(folder),
                                  "init_layers": [0, 2], "subln": False})
-    assert module.hparams["warm_start"] == {"source": str(folder), "layers": [0, 2],
+    assert module.hparams["warm_start"] == {"source": str(folder), "layers": [0, 2], "subln_init": None,
                                             "tokenizer_hash": tokenizer_hash(load_tokenizer(str(folder)))}
     module.model.set_quant_lambda(0.5)
     ckpt = tmp_path / "m.ckpt"

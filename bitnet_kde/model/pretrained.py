@@ -13,7 +13,15 @@ What maps to what (Llama names on the left):
 - `mlp.{gate,up,down}_proj` -> `ffn.{gate,up,down}_proj` with `ffn_act="swiglu"` (SiLU gate);
 - `input_layernorm` / `post_attention_layernorm` / `norm` -> `attn_norm` / `ffn_norm` / `norm`;
 - `rope_theta` and `rms_norm_eps` carry over. SubLN norms have no source counterpart: with
-  `subln=True` they start at weight 1, with `subln=False` they are left out.
+  `subln=False` they are left out; with `subln=True` they are added, and `calibrate_subln` sets
+  each one's weight to the typical size of what it normalizes, so that it rescales activations
+  back to the size the source's output projection was trained on.
+
+Why calibrate: an RMSNorm at weight 1 outputs activations of RMS 1, while the source's attention
+and FFN outputs are far smaller or larger; at weight 1 the output projections' contributions to
+the residual stream change by that factor in every block, which wipes out the source's function
+before training starts. At the median per-token RMS of its input (measured on real text in full
+precision) a SubLN passes a typical token through unchanged and only rescales unusual ones.
 
 Layer selection (`layers`) keeps a subset of the source's blocks in order: block j of the student
 is block `layers[j]` of the source. An integer k keeps every k-th block starting at block 0.
@@ -25,13 +33,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from bitnet_kde.model.bitnet import BitNetConfig, BitNetLM
+from bitnet_kde.model.bitnet import BitNetConfig, BitNetLM, RMSNorm
 
 SUPPORTED = "Llama-family models (model_type 'llama': LlamaForCausalLM, e.g. SmolLM2, TinyLlama, Llama 2/3)"
 """What `from_llama` converts, as said in its errors."""
 
-INIT_KEYS = ("init_from", "init_layers")
+INIT_KEYS = ("init_from", "init_layers", "init_subln")
 """Keys of a `model` spec that say where a warm start comes from; they are no `BitNetConfig` fields."""
+
+SUBLN_INITS = ("median_rms", "one")
+"""How a warm start's new SubLN norms start: calibrated (`calibrate_subln`) or at weight 1."""
 
 _BLOCK = {  # student name in a block -> source name in a layer
     "attn_norm.weight": "input_layernorm.weight",
@@ -136,10 +147,13 @@ def llama_config(config: Mapping, *, layers: int | Sequence[int] | None = None, 
 
 @torch.no_grad()
 def from_llama(config: Mapping, state: Mapping[str, torch.Tensor], *, layers: int | Sequence[int] | None = None,
-               subln: bool = True, quantize: bool = True, source: str = "source", **overrides) -> BitNetLM:
+               subln: bool = True, quantize: bool = True, source: str = "source",
+               calibration_ids: torch.Tensor | None = None, **overrides) -> BitNetLM:
     """A `BitNetLM` with the shape of a Llama config and the weights of its state dict (fp32).
 
     `state` uses Hugging Face names, with or without the `model.` prefix of `LlamaForCausalLM`.
+    With SubLN and `calibration_ids` ([B, T] token ids of real text), the SubLN weights are set
+    by `calibrate_subln` on them; without, they stay at 1.
     """
     cfg, keep = llama_config(config, layers=layers, subln=subln, quantize=quantize, source=source, **overrides)
     names = {k.removeprefix("model."): k for k in state}
@@ -162,4 +176,33 @@ def from_llama(config: Mapping, state: Mapping[str, torch.Tensor], *, layers: in
         copy.update({f"blocks.{j}.{mine}": f"layers.{i}.{theirs}" for mine, theirs in _BLOCK.items()})
     for mine, theirs in copy.items():
         own[mine].copy_(get(theirs, own[mine].shape).to(own[mine].dtype))
+    if subln and calibration_ids is not None:
+        calibrate_subln(model, calibration_ids)
     return model
+
+
+@torch.no_grad()
+def calibrate_subln(model: BitNetLM, input_ids: torch.Tensor) -> list[float]:
+    """Set every SubLN weight to the median per-token RMS of its input on `input_ids` [B, T].
+
+    One full-precision forward pass (quantization blended out, λ = 0), blocks in order: each
+    norm is set just before it runs, so later norms see the already-calibrated earlier blocks.
+    Returns the weights set, in block order (attention, FFN). A model without SubLN is left as it is.
+    """
+    def set_from_input(norm, args):
+        rms = args[0].float().pow(2).mean(-1).sqrt()
+        norm.weight.fill_(rms.median())
+        weights.append(float(norm.weight[0]))
+
+    weights: list[float] = []
+    norms = [m for b in model.blocks for m in (b.attn.sub_norm, b.ffn.sub_norm) if isinstance(m, RMSNorm)]
+    hooks = [n.register_forward_pre_hook(set_from_input) for n in norms]
+    lam = model.quant_lambda
+    model.set_quant_lambda(0.0)
+    try:
+        model(input_ids)
+    finally:
+        model.set_quant_lambda(lam)
+        for h in hooks:
+            h.remove()
+    return weights

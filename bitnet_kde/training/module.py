@@ -65,7 +65,7 @@ class DistillationModule(pl.LightningModule):
 
     Args:
         model: `BitNetConfig.from_spec` mapping, e.g. `{"name": "mini", "vocab_size": 49152}`; with
-            `init_from` (and `init_layers`) the student is warm-started from that pretrained model
+            `init_from` (and `init_layers`, `init_subln`) the student is warm-started from that pretrained model
             (`bitnet_kde.training.warmstart`) and the saved `model` hyper-parameter becomes its
             resolved shape, so checkpoints reload without the source.
         loss: `LossConfig` fields.
@@ -78,7 +78,7 @@ class DistillationModule(pl.LightningModule):
         spec, init = split_spec(model)
         self.warm_start: dict | None = None
         if init["init_from"]:
-            self.model, self.warm_start = warm_start(spec, init["init_from"], init["init_layers"])
+            self.model, self.warm_start = warm_start(spec, init)
             self.hparams["model"] = {"name": spec["name"], **self.model.cfg.to_dict()}
             self.hparams["warm_start"] = self.warm_start
         else:

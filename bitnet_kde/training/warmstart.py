@@ -21,15 +21,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from bitnet_kde.kd.prompts import load_prompts
 from bitnet_kde.kd.traces import arrow_path, list_shards
 from bitnet_kde.model import BitNetConfig, BitNetLM
-from bitnet_kde.model.pretrained import PretrainedError, from_llama, llama_config, split_spec
-from bitnet_kde.tokenizer import load_tokenizer, smollm2_gguf, tokenizer_hash
+from bitnet_kde.model.pretrained import SUBLN_INITS, PretrainedError, from_llama, llama_config, split_spec
+from bitnet_kde.tokenizer import chat_ids, load_tokenizer, smollm2_gguf, tokenizer_hash
 
 log = logging.getLogger(__name__)
 
 TEACHER = "teacher"
 """The source name of the embedded SmolLM2-135M GGUF (the default teacher)."""
+
+CALIBRATION_SHAPE = (4, 256)
+"""Rows x tokens of the text SubLN is calibrated on (`calibration_ids`)."""
 
 
 def locate(source: str) -> tuple[str, str | None]:
@@ -57,31 +61,39 @@ def _source_config(source: str, folder: str, gguf_file: str | None) -> dict:
 
 
 def from_pretrained(source: str, *, layers: int | Sequence[int] | None = None, subln: bool = True,
-                    quantize: bool = True, **overrides) -> BitNetLM:
+                    subln_init: str = "median_rms", quantize: bool = True, **overrides) -> BitNetLM:
     """A `BitNetLM` with the shape and weights of a pretrained Llama-family model.
 
     Args:
         source: a Hugging Face folder, a `.gguf` file, or `"teacher"` (embedded SmolLM2-135M).
         layers: source blocks to keep: None = all, an int k = every k-th from block 0, or a list.
-        subln: add SubLN norms (weight 1) before the attention output and FFN down projections.
+        subln: add SubLN norms before the attention output and FFN down projections.
+        subln_init: `"median_rms"`: each SubLN weight is the median per-token RMS of its input
+            on the shipped training prompts (`calibration_ids`), so a typical token passes
+            unchanged; `"one"`: weight 1, which rescales every output projection's input to RMS 1.
         quantize: ternary BitLinear layers (False: the dense model, which with `subln=False`
             computes the source's own logits).
         overrides: `BitNetConfig` fields the source does not fix (`max_seq_len`, `activation_bits`,
             `a4_scale`, and `vocab_size`, which must equal the source's).
     """
-    return _convert(source, layers, subln, quantize, overrides)[0]
+    return _convert(source, layers, subln, subln_init, quantize, overrides)[0]
 
 
-def _convert(source: str, layers, subln: bool, quantize: bool, overrides: dict,
+def _convert(source: str, layers, subln: bool, subln_init: str | None, quantize: bool, overrides: dict,
              record: dict | None = None) -> tuple[BitNetLM, list[int]]:
     """`from_pretrained`, also returning the source blocks kept; fills `record` (when given) with
-    the source, the blocks kept and its tokenizer hash."""
+    the source, the blocks kept, the SubLN init and its tokenizer hash."""
+    subln_init = subln_init or SUBLN_INITS[0]
+    if subln_init not in SUBLN_INITS:
+        raise PretrainedError(f"init_subln={subln_init!r}: use one of {', '.join(SUBLN_INITS)}")
     folder, gguf_file = locate(source)
     config = _source_config(source, folder, gguf_file)
     # refuse the architecture, the layers, the overrides and a missing tokenizer before the (slow) weight load
-    _, kept = llama_config(config, layers=layers, subln=subln, quantize=quantize, source=source, **overrides)
+    cfg, kept = llama_config(config, layers=layers, subln=subln, quantize=quantize, source=source, **overrides)
     if record is not None:
-        record.update(source=source, layers=kept, tokenizer_hash=source_tokenizer_hash(source))
+        record.update(source=source, layers=kept, subln_init=subln_init if subln else None,
+                      tokenizer_hash=source_tokenizer_hash(source))
+    ids = calibration_ids(source, cfg.max_seq_len) if subln and subln_init == "median_rms" else None
     from transformers import AutoModelForCausalLM
 
     t = time.perf_counter()
@@ -90,31 +102,56 @@ def _convert(source: str, layers, subln: bool, quantize: bool, overrides: dict,
     except (OSError, ValueError) as e:
         raise PretrainedError(f"init_from={source!r}: cannot load its weights: {e}") from None
     model = from_llama(config, lm.state_dict(), layers=layers, subln=subln, quantize=quantize, source=source,
-                       **overrides)
+                       calibration_ids=ids, **overrides)
     log.info("warm start from %s: blocks %s of %d, d_model %d, loaded in %.1f s", source, kept,
              config["num_hidden_layers"], model.cfg.d_model, time.perf_counter() - t)
     return model, kept
 
 
-def source_tokenizer_hash(source: str) -> str:
-    """`tokenizer_hash` of the tokenizer stored with a source (a source without one is refused)."""
+def source_tokenizer(source: str):
+    """The tokenizer stored with a source (a source without one is refused)."""
     folder, gguf_file = locate(source)
     try:
-        return tokenizer_hash(load_tokenizer(folder, gguf_file))
+        return load_tokenizer(folder, gguf_file)
     except (OSError, ValueError, TypeError) as e:
         raise PretrainedError(f"init_from={source!r}: no usable tokenizer stored with it ({e}); the student "
                               "keeps its source's vocabulary, so the source must come with its tokenizer") from None
 
 
-def warm_start(spec: dict, init_from: str, init_layers: int | Sequence[int] | None) -> tuple[BitNetLM, dict]:
+def source_tokenizer_hash(source: str) -> str:
+    """`tokenizer_hash` of the tokenizer stored with a source."""
+    return tokenizer_hash(source_tokenizer(source))
+
+
+def calibration_ids(source: str, max_len: int) -> torch.Tensor:
+    """Up to `CALIBRATION_SHAPE` token ids (rows no longer than `max_len`): the shipped training
+    prompts, each chat-formatted by the source's tokenizer as the collector formats a prompt
+    (`chat_ids`), one after another. This is the text `calibrate_subln` measures activations on.
+    Chat-formatted because the student trains on chat-formatted traces and the activations'
+    sizes depend on it (the template's special tokens carry some of the largest); prompts rather
+    than the run's traces, so that a source always gives the same student."""
+    rows, length = CALIBRATION_SHAPE[0], min(CALIBRATION_SHAPE[1], max_len)
+    tokenizer, ids = source_tokenizer(source), []
+    for prompt in load_prompts(split="train"):
+        ids += chat_ids(tokenizer, prompt.prompt)
+        if len(ids) >= rows * length:
+            break
+    ids = torch.tensor(ids, dtype=torch.long)
+    rows = max(1, min(rows, len(ids) // length))
+    return ids[: rows * length].view(rows, -1)
+
+
+def warm_start(spec: dict, init: dict) -> tuple[BitNetLM, dict]:
     """The student of a `model` spec with `init_from` set, and what the run records about it.
 
-    `spec` is the rest of the spec (`name` and `BitNetConfig` overrides such as `max_seq_len`).
-    The record holds the source, the blocks kept and the source's tokenizer hash.
+    `spec` is the rest of the spec (`name` and `BitNetConfig` overrides such as `max_seq_len`),
+    `init` its `init_*` keys (`split_spec`). The record holds the source, the blocks kept, the
+    SubLN init and the source's tokenizer hash.
     """
     overrides, subln, quantize = _options(spec)
     record: dict = {}
-    model, _ = _convert(init_from, init_layers, subln, quantize, overrides, record)
+    model, _ = _convert(init["init_from"], init["init_layers"], subln, init["init_subln"], quantize, overrides,
+                        record)
     return model, record
 
 
