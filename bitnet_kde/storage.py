@@ -432,16 +432,19 @@ def check_store(url: str | os.PathLike, *, timeout_s: float = 10.0) -> str:
     """Check that the store behind `url` can be used: package, variables, then a real request.
 
     Returns a one-line description; raises `StorageError` naming the backend and the variable,
-    extra or endpoint to fix. Local paths: the nearest existing parent must be writable.
+    extra or endpoint to fix. Local paths: the folder that would be written must be writable (an
+    existing file's folder, since files are replaced through a temporary file beside them, else
+    the nearest existing parent).
     """
     s = os.fspath(url)
     b = backend_of(s)
     if b.name == "local":
         p = Path(os.path.expanduser(local_path(s))).absolute()
-        parent = next(q for q in (p, *p.parents) if q.exists())
+        parent = next(q for q in (p, *p.parents) if q.exists() and not q.is_file())
         if not os.access(parent, os.W_OK):
             raise StorageError(f"storage backend 'local': {parent} is not writable (needed for {s})")
-        return f"local folder {p} (writable)"
+        kind = "folder" if p.is_dir() else "file" if p.is_file() else "path, to be created,"
+        return f"local {kind} {p} (writable)"
     _import_backend(b)
     _check_variables(b, s)
     _apply(b)

@@ -145,7 +145,7 @@ def budget_args(name: str, a: Ablation, budget_s: float, step_s: float) -> list[
 
 def run_one(name: str, a: Ablation, root: Path, train_args: list[str], eval_args: list[str], teacher: dict | None,
             skip_train: bool = False, budget: dict | None = None) -> dict:
-    run_dir = root / "ablations" / name
+    run_dir = root / "logs" / "ablations" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     common = [f"paths.root={root}"]
     report = root / "reports" / "ablations" / f"{name}.json"

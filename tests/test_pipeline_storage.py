@@ -16,6 +16,6 @@ def test_the_storage_line_names_the_summary_folder(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [ln.split("storage: ", 1)[1] for ln in (proc.stdout + proc.stderr).splitlines() if "storage: " in ln]
-    assert f"local folder {tmp_path / 'reports'} (writable)" in lines, lines
+    assert f"local path, to be created, {tmp_path / 'reports'} (writable)" in lines, lines
     assert not any("pipeline_summary.json" in ln for ln in lines), lines
     assert (tmp_path / "reports" / "pipeline_summary.json").is_file()

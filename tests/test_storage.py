@@ -170,6 +170,16 @@ def test_unknown_protocol_and_missing_variables_name_what_to_set(monkeypatch):
         storage._env_names.clear()
 
 
+def test_local_check_names_what_the_path_is(tmp_path):
+    """A report file is checked through its folder (it is replaced via a temporary file beside it)."""
+    report = tmp_path / "reports" / "summary.json"
+    assert storage.check_store(str(tmp_path)) == f"local folder {tmp_path} (writable)"
+    assert storage.check_store(str(report)) == f"local path, to be created, {report} (writable)"
+    report.parent.mkdir()
+    report.write_text("{}")
+    assert storage.check_store(str(report)) == f"local file {report} (writable)"
+
+
 # ------------------------------------------------------------------------------------ S3 and WebDAV
 
 
@@ -482,3 +492,4 @@ def test_checkpoints_and_resume_on_gcs_and_azure(backend, request, tmp_path):
         assert torch.load(f, map_location="cpu", weights_only=True)["global_step"] == 4  # continued, not restarted
     assert len(stored("summary.json")) == 2
     assert_no_secret_in_objects(f"{scheme}://{bucket}")
+
