@@ -147,7 +147,7 @@ def test_calibrated_subln_keeps_a_typical_token_unchanged(tmp_path):
 
 def test_from_pretrained_calibrates_subln_on_the_shipped_prompts(tmp_path):
     folder, _ = llama(tmp_path, tokenizer=True)
-    ids = calibration_ids(str(folder), max_len=128)
+    ids = calibration_ids(load_tokenizer(str(folder)), max_len=128)
     assert ids.shape == (4, 128)
     student = from_pretrained(str(folder), quantize=False)
     reference = from_pretrained(str(folder), subln_init="one", quantize=False)

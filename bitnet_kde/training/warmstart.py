@@ -90,10 +90,12 @@ def _convert(source: str, layers, subln: bool, subln_init: str | None, quantize:
     config = _source_config(source, folder, gguf_file)
     # refuse the architecture, the layers, the overrides and a missing tokenizer before the (slow) weight load
     cfg, kept = llama_config(config, layers=layers, subln=subln, quantize=quantize, source=source, **overrides)
+    calibrate = subln and subln_init == "median_rms"
+    tokenizer = source_tokenizer(source) if record is not None or calibrate else None
     if record is not None:
         record.update(source=source, layers=kept, subln_init=subln_init if subln else None,
-                      tokenizer_hash=source_tokenizer_hash(source))
-    ids = calibration_ids(source, cfg.max_seq_len) if subln and subln_init == "median_rms" else None
+                      tokenizer_hash=tokenizer_hash(tokenizer))
+    ids = calibration_ids(tokenizer, cfg.max_seq_len) if calibrate else None
     from transformers import AutoModelForCausalLM
 
     t = time.perf_counter()
@@ -118,27 +120,21 @@ def source_tokenizer(source: str):
                               "keeps its source's vocabulary, so the source must come with its tokenizer") from None
 
 
-def source_tokenizer_hash(source: str) -> str:
-    """`tokenizer_hash` of the tokenizer stored with a source."""
-    return tokenizer_hash(source_tokenizer(source))
-
-
-def calibration_ids(source: str, max_len: int) -> torch.Tensor:
+def calibration_ids(tokenizer, max_len: int) -> torch.Tensor:
     """Up to `CALIBRATION_SHAPE` token ids (rows no longer than `max_len`): the shipped training
-    prompts, each chat-formatted by the source's tokenizer as the collector formats a prompt
+    prompts, each chat-formatted by `tokenizer` (the source's) as the collector formats a prompt
     (`chat_ids`), one after another. This is the text `calibrate_subln` measures activations on.
     Chat-formatted because the student trains on chat-formatted traces and the activations'
-    sizes depend on it (the template's special tokens carry some of the largest); prompts rather
-    than the run's traces, so that a source always gives the same student."""
+    sizes depend on the format; prompts rather than the run's traces, so that a source always
+    gives the same student."""
     rows, length = CALIBRATION_SHAPE[0], min(CALIBRATION_SHAPE[1], max_len)
-    tokenizer, ids = source_tokenizer(source), []
+    ids: list[int] = []
     for prompt in load_prompts(split="train"):
         ids += chat_ids(tokenizer, prompt.prompt)
         if len(ids) >= rows * length:
             break
-    ids = torch.tensor(ids, dtype=torch.long)
     rows = max(1, min(rows, len(ids) // length))
-    return ids[: rows * length].view(rows, -1)
+    return torch.tensor(ids[: rows * length], dtype=torch.long).view(rows, -1)
 
 
 def warm_start(spec: dict, init: dict) -> tuple[BitNetLM, dict]:
