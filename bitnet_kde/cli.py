@@ -25,8 +25,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 # importing storage also registers the config resolvers that configs/paths uses
 from bitnet_kde import storage
-from bitnet_kde.kd.prompts import PromptLoadError
-from bitnet_kde.kd.traces import TraceValidationError
 from bitnet_kde.teachers import TeacherError
 from bitnet_kde.tokenizer import EmbeddedModelMissing
 
@@ -75,11 +73,13 @@ def hydra_argv(argv: list[str], *, teacher: bool = True, accept_old_provider: bo
 DEBUG_VARIABLE = "BITNET_KDE_DEBUG"
 """Set to 1 to print a user error's traceback on the console as well."""
 
-USER_ERRORS: tuple[type[BaseException], ...] = (TeacherError, storage.StorageError, PromptLoadError,
-                                                TraceValidationError, EmbeddedModelMissing, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (TeacherError, storage.StorageError, EmbeddedModelMissing,
+                                                FileNotFoundError)
 """Errors whose message says what to fix. Besides these, every `ValueError` subclass defined in
-this package is one (settings and input checks raise those), and so is a `FloatingPointError`
-subclass of ours (a training loss that went non-finite, named with its step and term)."""
+this package is one (settings and input checks raise those, and so do the prompt and trace readers:
+`PromptLoadError`, `TraceValidationError`), and so is a `FloatingPointError` subclass of ours (a
+training loss that went non-finite, named with its step and term). They are matched by module
+rather than imported so that starting an entry point does not load pyarrow."""
 
 
 def user_error(exc: BaseException) -> BaseException | None:

@@ -198,9 +198,18 @@ def unpack_ternary(packed: torch.Tensor, shape: torch.Size | tuple[int, ...], dt
         )
     # One table lookup per byte gives its four values directly: a single pass writing the output,
     # instead of shift / mask / convert / subtract passes and their full-size temporaries (this
-    # runs for every matrix of a packed model on every forward).
-    values = _unpack_table(dtype, packed.device).index_select(0, packed.int())
+    # runs for every matrix of a packed model on every forward). The lookup's int32 index is built
+    # a chunk at a time, so the only full-size allocation is the output itself.
+    table = _unpack_table(dtype, packed.device)
+    values = torch.empty((packed.numel(), 4), dtype=dtype, device=packed.device)
+    for start in range(0, packed.numel(), _UNPACK_CHUNK_BYTES):
+        chunk = packed[start:start + _UNPACK_CHUNK_BYTES]
+        torch.index_select(table, 0, chunk.int(), out=values[start:start + chunk.numel()])
     return values.reshape(-1)[:numel].reshape(shape)
+
+
+_UNPACK_CHUNK_BYTES = 1 << 20
+"""Packed bytes per lookup in `unpack_ternary`: a 4 MiB index instead of one the size of the matrix."""
 
 
 _UNPACK_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}

@@ -150,6 +150,20 @@ def test_unexpected_errors_keep_their_traceback(log_file):
         cli.run(_raise(ValueError("plain")))
 
 
+def test_trace_and_prompt_errors_are_user_errors_without_importing_pyarrow_at_start():
+    from bitnet_kde.kd.prompts import PromptLoadError
+    from bitnet_kde.kd.traces import TraceValidationError
+
+    for exc in (PromptLoadError("prompts.jsonl line 3: no 'prompt' field"),
+                TraceValidationError("shard-0.parquet row 7: top_logprobs is not finite")):
+        assert cli.user_error(exc) is exc
+    # the entry points import cli first; pyarrow (~80 MB of RSS, counted by the 7B dry-run's
+    # peak memory) loads only where traces or prompts are read
+    probe = "import sys, bitnet_kde.cli, bitnet_kde.dryrun; print('pyarrow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("script, args, says", [
     ("teacher_baseline.py", ["teacher=openai", "prompts.limit=1"], "OPENAI_API_KEY is not set"),
     ("train.py", ["model=nosuch"], "config: In 'train': Could not find 'model/nosuch'"),
