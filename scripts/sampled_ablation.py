@@ -134,7 +134,7 @@ def main() -> None:
         student = train(v, trace_dir, args.steps, args.batch_size, args.seed)
         train_s = time.perf_counter() - t0
         fv = full_vocab_section(student, data, 8)
-        tm = token_metrics(student, data, 8)["overall"]
+        tm = token_metrics(student, data.ds, data.categories, 8)["overall"]
         coll_s = hy_s if v == "hybrid" else (rs_s if v == "rs" else topk_s)
         rows.append({"variant": v, "kl_full_vocab": fv["kl_full_vocab"], "kl_bucket": fv["kl_bucket"],
                      "top1": tm["top1_agreement"], "ece": fv["ece_top1"], "bytes": stored, "entries": entries,

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import ast
 
-import torch
-
-from bitnet_kde.data.datamodule import TraceDataset, collate_traces
-from bitnet_kde.eval.metrics import group_totals, token_sums
+from bitnet_kde.data.datamodule import TraceDataset
+from bitnet_kde.eval.evaluate import token_metrics
 from bitnet_kde.kd.traces import read_traces
 from bitnet_kde.model import BitNetConfig
 from bitnet_kde.model.sizing import measure_flops_per_token
@@ -25,15 +23,6 @@ from bitnet_kde.training.warmstart import from_pretrained
 SEQ_LEN = 512
 GUIDE_LAYERS = ["null", "[0,1,2,6,10,14,18,22,27,28,29]", "[0,1,2,3,4,25,26,27,28,29]", "3",
                 "[2,5,8,11,14,17,20,23,26,29]", "[0,1,2,3,4,5,6,7,8,9]", "2"]
-
-
-def held_out_metrics(model, ds: TraceDataset, batch_size: int = 8) -> dict:
-    totals = []
-    with torch.no_grad():
-        for start in range(0, len(ds), batch_size):
-            batch = collate_traces([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
-            totals += [("all", t) for t in token_sums(model(batch["input_ids"]), batch)]
-    return group_totals(totals)["all"].as_metrics()
 
 
 def main() -> None:
@@ -51,7 +40,7 @@ def main() -> None:
         for init in args.subln:
             kw = {"subln": False} if init == "none" else {"subln_init": init}
             model = from_pretrained(args.source, layers=layers, quantize=False, max_seq_len=SEQ_LEN, **kw).eval()
-            m = held_out_metrics(model, ds)
+            m = token_metrics(model, ds, ["all"] * len(ds), batch_size=8)["overall"]
             flops = measure_flops_per_token(model.cfg, SEQ_LEN) / base
             print(f"| {spec} | {init} | {m['kl']:.2f} | {m['top1_agreement']:.3f} | {flops:.2f}x |", flush=True)
 

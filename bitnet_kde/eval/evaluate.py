@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def evaluate(cfg: DictConfig) -> dict:
     check_config(cfg)
     ckpt, student = load_eval_student(cfg)
     data = held_out_traces(cfg, student)
-    per_category = token_metrics(student, data, int(cfg.batch_size))
+    per_category = token_metrics(student, data.ds, data.categories, int(cfg.batch_size))
     full_vocab = full_vocab_section(student, data, int(cfg.batch_size)) if cfg.get("full_vocab", True) else None
     packed = pack_for_inference(student)
     answers = generate_answers(packed, data, cfg)
@@ -182,13 +183,14 @@ def data_section(cfg: DictConfig, data: HeldOut) -> dict:
             "teacher_greedy_max_new_tokens": int(cfg.collection.sampling.max_new_tokens)}
 
 
-def token_metrics(student: BitNetLM, data: HeldOut, batch_size: int) -> dict[str, dict]:
-    """KL, top-1 agreement and perplexity on the teacher's text, per category and `overall`."""
+def token_metrics(student: BitNetLM, ds: TraceDataset, categories: Sequence[str], batch_size: int) -> dict[str, dict]:
+    """KL, top-1 agreement and perplexity on the teacher's text of `ds` (row i in `categories[i]`),
+    per category and `overall`."""
     rows: list[tuple[str, TokenTotals]] = []
     with torch.no_grad():
-        for idx, batch in _batches(data.ds, batch_size):
+        for idx, batch in _batches(ds, batch_size):
             for i, totals in zip(idx, token_sums(student(batch["input_ids"]), batch), strict=True):
-                rows.append((data.categories[i], totals))
+                rows.append((categories[i], totals))
     return {c: t.as_metrics() for c, t in group_totals(rows).items()}
 
 
