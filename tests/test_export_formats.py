@@ -19,7 +19,7 @@ import torch
 from bitnet_kde.export import process_umask
 from bitnet_kde.export.gguf import ExportError, export_gguf
 from bitnet_kde.export.hf import export_hf, pack_rows
-from bitnet_kde.export.native import export_packed
+from bitnet_kde.export.native import export_packed, is_export_dir
 from bitnet_kde.model import BitNetConfig, BitNetLM
 from bitnet_kde.model.packed import packed_copy
 from bitnet_kde.quant import ternary_weight
@@ -150,6 +150,22 @@ def test_gguf_refuses_what_llama_cpp_would_run_wrongly(tmp_path):
     with pytest.raises(ValueError, match="without it"):
         export_hf(small_student(subln=False), tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_export_refuses_a_student_in_quantization_warm_up(tmp_path):
+    """A checkpoint saved at lambda < 1 computes a blend of full-precision and ternary weights; its
+    packed form would be a different model, so no format writes it (eval refuses it likewise)."""
+    student = small_student()
+    student.set_quant_lambda(0.3)
+    for export in (lambda: export_gguf(student, tmp_path / "w.gguf", tokenizer_gguf=None),
+                   lambda: export_hf(student, tmp_path / "hf"),
+                   lambda: export_packed(student, tmp_path / "native")):
+        with pytest.raises(ValueError, match="lambda=0.300, not fully ternary"):
+            export()
+    assert list(tmp_path.iterdir()) == []
+    student.set_quant_lambda(1.0)
+    export_packed(student, tmp_path / "native")
+    assert is_export_dir(tmp_path / "native")
 
 
 # ---------------------------------------------------------------------------------------------

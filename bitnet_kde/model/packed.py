@@ -39,12 +39,22 @@ def _require_quantized(cfg: BitNetConfig) -> None:
         raise ValueError("a dense model (quantize=False) has no packed ternary form")
 
 
+def _require_ternary(model: BitNetLM) -> None:
+    """Packing stores the fully ternary weights: a model still in quantization warm-up computes a
+    blend with its full-precision weights, which its packed form (and every export) would not."""
+    _require_quantized(model.cfg)
+    if model.quant_lambda < 1.0:
+        raise ValueError(f"the model is at quantization warm-up lambda={model.quant_lambda:.3f}, not fully ternary: "
+                         "its packed form would compute a different function; use a checkpoint saved after "
+                         "optim.quant_warmup_steps")
+
+
 def pack(model: BitNetLM) -> BitNetLM:
     """Replace every BitLinear of `model` by its packed inference form, in place (returns `model`).
 
     The fp32 latent weights are freed; logits stay bit-identical to the quantized forward.
     """
-    _require_quantized(model.cfg)
+    _require_ternary(model)
     return swap_bitlinears(model, lambda _, layer: PackedBitLinear.from_bitlinear(layer))
 
 
@@ -70,7 +80,7 @@ def set_rope_buffers(model: BitNetLM, device: str | torch.device = "cpu") -> Non
 
 def packed_copy(model: BitNetLM) -> BitNetLM:
     """A packed model (eval mode) sharing the embedding and norms of `model`; only the codes are new."""
-    _require_quantized(model.cfg)
+    _require_ternary(model)
     latent_ids = {id(m.weight) for m in model.bitlinears()}
     with torch.device("meta"):
         copy = BitNetLM(model.cfg)
