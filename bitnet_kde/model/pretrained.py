@@ -35,7 +35,8 @@ import torch
 
 from bitnet_kde.model.bitnet import BitNetConfig, BitNetLM, RMSNorm
 
-SUPPORTED = "Llama-family models (model_type 'llama': LlamaForCausalLM, e.g. SmolLM2, TinyLlama, Llama 2/3)"
+SUPPORTED = ("Llama-family models with plain RoPE (model_type 'llama': LlamaForCausalLM, e.g. SmolLM2, TinyLlama, "
+             "Llama 2, Llama 3.0; Llama 3.1 and later scale RoPE and are refused)")
 """What `from_llama` converts, as said in its errors."""
 
 INIT_KEYS = ("init_from", "init_layers", "init_subln")
