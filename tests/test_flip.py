@@ -91,6 +91,17 @@ def test_disabled_flip_counts_but_stays_a8(trace_dir, tmp_path):
     assert flip.tokens_seen > 10 and not flip.flipped and module.model.activation_bits == 8
 
 
+def test_a4_model_trains_at_a4_without_the_flip_and_is_refused_with_it(trace_dir, tmp_path):
+    datamodule = KDTraceDataModule(str(trace_dir), vocab_size=64, batch_size=4, num_workers=0)
+    module = DistillationModule({"name": "tiny", "vocab_size": 64, "activation_bits": 4}, optim={"warmup_steps": 2})
+    flip = ActivationFlip(flip_at_tokens=10, enabled=False)
+    recorder = Recorder(flip)
+    trainer([flip, recorder], 3, tmp_path).fit(module, datamodule=datamodule)
+    assert [bits for _, _, bits in recorder.rows] == [4, 4, 4]
+    with pytest.raises(ValueError, match="enabled=false to train at A4"):
+        trainer([ActivationFlip(flip_at_tokens=10)], 3, tmp_path).fit(module, datamodule=datamodule)
+
+
 def test_flip_point_estimated_from_run_length(trace_dir, tmp_path):
     datamodule, module = make(trace_dir)
     flip = ActivationFlip(flip_fraction=0.5)

@@ -25,7 +25,9 @@ class ActivationFlip(pl.Callback):
             (`max_steps` x accumulation x mean loss tokens per batch, or `max_epochs` epochs).
         flip_fraction: share of the budget after which to flip (BitNet a4.8 used ~0.95).
         token_budget: planned real training tokens of the run (optional).
-        enabled: False keeps A8 for the whole run (the A8-only ablation); tokens are still counted.
+        enabled: False keeps the model's configured bits for the whole run (A8: the A8-only ablation;
+            `model.activation_bits=4`: A4 from the first step); tokens are still counted. An enabled
+            flip refuses a model configured for A4, which it would otherwise train at A8 first.
     """
 
     def __init__(self, flip_at_tokens: int | None = None, flip_fraction: float = 0.9,
@@ -67,8 +69,13 @@ class ActivationFlip(pl.Callback):
             self.flip_at_tokens = max(1, int(self.flip_fraction * budget))
             log.info("A8->A4 flip planned at %d tokens (%.0f%% of %d)", self.flip_at_tokens,
                      100 * self.flip_fraction, budget)
+        configured = pl_module.model.activation_bits
+        if self.enabled and not self.flipped and configured == 4:
+            raise ValueError("model.activation_bits=4 with the A8 -> A4 flip enabled: the flip trains at A8 until "
+                             "its token budget; set callbacks.activation_flip.enabled=false to train at A4 from the "
+                             "first step, or leave model.activation_bits=8")
         # Resumed after the flip: restore the mode before the first step.
-        pl_module.model.set_activation_bits(4 if self.flipped else 8)
+        pl_module.model.set_activation_bits(4 if self.flipped else configured)
 
     # -- counting -----------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
