@@ -1,4 +1,5 @@
-"""Checkpoint health summaries beside each saved checkpoint, and progress log lines off a terminal."""
+"""Checkpoint health summaries beside each saved checkpoint, progress log lines off a terminal, and
+quantization statistics once per optimizer step."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
 
 from bitnet_kde.data import KDTraceDataModule
 from bitnet_kde.progress import RateLog, format_eta
-from bitnet_kde.training import ActivationFlip, DistillationModule, HealthCheckpoint, ProgressLog, health_path
+from bitnet_kde.training import (ActivationFlip, DistillationModule, HealthCheckpoint, ProgressLog, QuantStats,
+                                 health_path)
 
 from conftest import small_source
 
@@ -45,7 +48,8 @@ def fit(tmp_path, callbacks, max_steps=6, **trainer_kw):
     small_source().write(src)
     dm = KDTraceDataModule(str(src), vocab_size=64, batch_size=4, num_workers=0, val_fraction=0.25)
     module = DistillationModule({"name": "tiny", "vocab_size": 64}, optim={"warmup_steps": 2})
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+    trainer_kw = {"logger": False, **trainer_kw}
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path,
                          num_sanity_val_steps=0, val_check_interval=3, limit_val_batches=2, **trainer_kw)
     trainer.fit(module, datamodule=dm)
@@ -106,3 +110,28 @@ def test_progress_log_writes_lines_when_not_a_terminal(tmp_path, monkeypatch, ca
     assert [m.split(",")[0] for m in lines] == ["train: 1/4 (25%)", "train: 2/4 (50%)", "train: 3/4 (75%)",
                                                 "train: 4/4 (100%)"]
     assert all("steps/s, ETA" in m and "loss " in m for m in lines)
+
+
+class StepsLogged(Logger):
+    """The steps at which quantization statistics were logged."""
+
+    name, version = "steps", 0
+
+    def __init__(self):
+        super().__init__()
+        self.quant_steps = []
+
+    def log_metrics(self, metrics, step=None):
+        if any(k.startswith("quant/") for k in metrics):
+            self.quant_steps.append(step)
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_quant_stats_log_once_per_optimizer_step_with_gradient_accumulation(tmp_path):
+    logger = StepsLogged()
+    # 3 batches per optimizer step: the global step stays at 0, 2 and 4 for several batch ends
+    fit(tmp_path, [QuantStats(every_n_steps=2, histograms=False), ActivationFlip(flip_at_tokens=10**9)],
+        max_steps=4, accumulate_grad_batches=3, enable_checkpointing=False, logger=logger)
+    assert logger.quant_steps == [0, 2, 4]

@@ -71,13 +71,21 @@ def test_an_odd_split_is_padded_so_both_ranks_step_equally(traces):
     assert set(counts) == set(train) and sorted(counts.values())[-2:] == [1, 2]  # one row wraps around
 
 
+def passes(loader, count: int) -> list[list[list[str]]]:
+    """The batch ids of `count` consecutive passes over `loader`."""
+    return [epoch_ids(loader) for _ in range(count)]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_loader_state_resumes_mid_epoch_with_the_same_batches(traces, workers):
-    dm = make(traces, num_workers=workers)
-    reference = dm.train_dataloader()
-    ref = epoch_ids(reference) + epoch_ids(reference)  # two epochs
-    n = len(ref) // 2
-    for stop in (3, n + 2):  # inside the first epoch, inside the second
+def test_loader_state_resumes_with_the_uninterrupted_batches(traces, workers):
+    reference = make(traces, num_workers=workers).train_dataloader()
+    ref = passes(reference, 3)
+    n = len(ref[0])
+    assert n > 2 * workers and all(len(p) == n for p in ref)
+    # inside the first epoch; its last step (the other worker has ended its slice); the end of
+    # the epoch, before and after the loader has seen it end; the first steps of the second
+    # epoch (a worker's state is the one taken when the pass began), and inside it
+    for stop, drained in ((3, False), (n - 1, False), (n, False), (n, True), (n + 1, False), (n + 2, False)):
         loader = make(traces, num_workers=workers).train_dataloader()
         got, it = [], iter(loader)
         while len(got) < stop:
@@ -85,11 +93,22 @@ def test_loader_state_resumes_mid_epoch_with_the_same_batches(traces, workers):
                 got.append(next(it)["ids"])
             except StopIteration:
                 it = iter(loader)
+        if drained:
+            assert next(it, None) is None
         state = loader.state_dict()
         resumed = make(traces, num_workers=workers).train_dataloader()
         resumed.load_state_dict(state)
-        assert got == ref[:stop]
-        assert epoch_ids(resumed) == ref[stop:n if stop < n else 2 * n]  # the rest of that epoch
+        assert got == [b for p in ref for b in p][:stop]
+        epoch, done = divmod(stop - 1, n)  # the pass the last batch came from, and its place in it
+        # as the uninterrupted loader goes on: the rest of that pass then the next one, or (once
+        # the loader has seen the pass end) the next two
+        expected = ref[epoch + 1:epoch + 3] if drained else [ref[epoch][done + 1:], ref[epoch + 1]]
+        assert passes(resumed, 2) == expected, (stop, drained)
+    # a pass cut short (Lightning's limit_train_batches) moves every worker on to the next epoch
+    loader = make(traces, num_workers=workers).train_dataloader()
+    it = iter(loader)
+    next(it)
+    assert passes(loader, 2) == ref[1:]
 
 
 def test_a_shard_truncated_mid_epoch_stops_naming_it(traces, tmp_path):

@@ -180,7 +180,7 @@ class TraceStream(IterableDataset):
         per_rank = math.ceil(self.total / world_size)  # the last ranks wrap around to the first rows
         self.start, self.stop = rank * per_rank, (rank + 1) * per_rank
         self.epoch, self.served = 0, 0
-        self._next_epoch, self._resumed = 0, False
+        self._begun = False  # a pass of `epoch` has begun: the next pass starts the epoch after it
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -200,12 +200,20 @@ class TraceStream(IterableDataset):
         return units, np.cumsum(self.index.rows[self.split][units])
 
     def __iter__(self) -> Iterator[dict]:
+        """A pass: the rest of a loaded position, else the next epoch (epoch 0 for the first pass).
+
+        Not a generator itself: torchdata takes a worker's state for a new pass right after
+        `iter()` returns, before the first row is asked for, so the pass's position is set here.
+        """
+        if self._begun:
+            self.epoch, self.served = self.epoch + 1, 0
+        self._begun = True
         info = get_worker_info()
         w, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        if not self._resumed:  # a fresh pass: the epoch after the last one this copy served
-            self.epoch, self.served = self._next_epoch, 0
-        self._resumed = False
-        lo, hi = self.worker_slice(w, workers)
+        return self._rows(*self.worker_slice(w, workers))
+
+    def _rows(self, lo: int, hi: int) -> Iterator[dict]:
+        """Rows [lo + served, hi) of the rank's slice of `epoch`, counting them in `served`."""
         units, ends = self._order(self.epoch)
         cached: tuple[int, object, np.ndarray] | None = None
         for pos in range(lo + self.served, hi):
@@ -222,12 +230,12 @@ class TraceStream(IterableDataset):
             item["id"] = rows.ids[int(perm[off])]
             self.served += 1
             yield item
-        self._next_epoch = self.epoch + 1
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "served": self.served}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at `state`: the next pass serves the rest of that epoch's slice (nothing if it was all served)."""
         self.epoch, self.served = int(state["epoch"]), int(state["served"])
-        self._resumed = True
+        self._begun = False
 

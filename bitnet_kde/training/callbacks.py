@@ -59,18 +59,21 @@ class QuantStats(pl.Callback):
     """Every `every_n_steps`, log per-BitLinear fractions of -1/0/+1 weights and scale histograms.
 
     Scalars (`quant/<layer>/neg|zero|pos|scale`) go to every logger; histograms of the
-    per-matrix scales and of the latent weights go to TensorBoard only.
+    per-matrix scales and of the latent weights go to TensorBoard only. Once per optimizer step:
+    with gradient accumulation the step stays the same for several batches.
     """
 
     def __init__(self, every_n_steps: int = 50, histograms: bool = True):
         self.every_n_steps = every_n_steps
         self.histograms = histograms
+        self._logged_step: int | None = None
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps or not trainer.loggers:
+        if step % self.every_n_steps or not trainer.loggers or step == self._logged_step:
             return
+        self._logged_step = step
         metrics, scales, codes = {}, [], {}
         tb = _tensorboard(trainer) if self.histograms else None
         for name, layer in pl_module.model.named_bitlinears():  # every rank: see _whole
