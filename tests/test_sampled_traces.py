@@ -3,6 +3,7 @@ columns, projection, and refusing teachers that do not see their whole distribut
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,10 +11,10 @@ import pytest
 import torch
 from test_traces import VOCAB, meta, valid_rows
 
-from bitnet_kde.data.datamodule import TraceDataset, collate_traces
+from bitnet_kde.data.datamodule import KDTraceDataModule, TraceDataset, collate_traces
 from bitnet_kde.kd.collect import TraceCollector
 from bitnet_kde.kd.projection import _merge_samples, project_identity
-from bitnet_kde.kd.traces import TraceValidationError, read_traces, write_trace_shard
+from bitnet_kde.kd.traces import TraceValidationError, check_run_match, read_traces, table_metadata, write_trace_shard
 from bitnet_kde.losses import DistillationLoss, LossConfig, kd_sampled_loss
 from bitnet_kde.teachers import SampledTraceConfig, Teacher, TeacherError, TeacherSequence
 from bitnet_kde.teachers.local import draw_samples
@@ -151,3 +152,43 @@ def test_local_teacher_collects_sampled_traces(tmp_path):
         batch = collate_traces([ds[i] for i in range(len(ds))])
         assert np.isfinite(float(DistillationLoss(LossConfig(other="hybrid" if rs.get("hybrid") else "rs"))(
             torch.randn(*batch["input_ids"].shape, 49152), batch)["loss"]))
+
+
+def draws_meta(**rs) -> dict[str, str]:
+    """Shard metadata of traces collected with these `collection.rs` settings."""
+    return meta(rs=json.dumps({"n": 4, "beta": 1.0, "seed": 0, "hybrid": False, **rs}))
+
+
+@pytest.mark.parametrize("variant, hybrid, problem", [
+    ("rs", True, "tail outside the Top-K only \\(collection.rs.hybrid=true\\).*set loss.other=hybrid"),
+    ("hybrid", False, "teacher.s whole distribution \\(collection.rs.hybrid=false\\).*head twice; set loss.other=rs"),
+])
+def test_draws_made_for_the_other_variant_are_refused_before_training(tmp_path, variant, hybrid, problem):
+    write_trace_shard(sampled_rows(), tmp_path / "a.parquet", draws_meta(hybrid=hybrid))
+    dm = KDTraceDataModule(str(tmp_path), vocab_size=VOCAB, max_seq_len=16, num_workers=0, loss_other=variant)
+    with pytest.raises(TraceValidationError, match=f"{tmp_path}: the traces' draws come from the {problem}"):
+        dm.setup("fit")
+    for ok in ("bucket", "renormalize", "hybrid" if hybrid else "rs"):
+        check_run_match(table_metadata(read_traces(tmp_path)), "here", kd_variant=ok)
+
+
+def test_sampled_variant_on_traces_without_draws_is_refused_before_training(tmp_path):
+    write_trace_shard(valid_rows(), tmp_path / "a.parquet", meta())
+    dm = KDTraceDataModule(str(tmp_path), vocab_size=VOCAB, max_seq_len=16, num_workers=0, loss_other="hybrid")
+    with pytest.raises(TraceValidationError, match="loss.other=hybrid needs sampled draws.*collection.rs.n > 0 and "
+                       "collection.rs.hybrid=true, or set loss.other=bucket"):
+        dm.setup("fit")
+    # v2 traces made elsewhere (no rs settings in their metadata) are not compared
+    v2 = table_metadata(read_traces(write_trace_shard(sampled_rows(), tmp_path / "b" / "b.parquet", meta())))
+    assert v2["schema_version"] == "2" and "rs" not in v2
+    check_run_match(v2, "here", kd_variant="hybrid")
+    with pytest.raises(TraceValidationError, match="bitnet_kde.rs='x' is not the JSON"):
+        check_run_match({**v2, "rs": "x"}, "here", kd_variant="rs")
+
+
+def test_collecting_draws_for_the_other_variant_is_refused_before_any_request(tmp_path):
+    rows = [{"id": "p0", "prompt": "hi", "category": "qa", "split": "train"}]
+    col = TraceCollector(TopKOnlyTeacher(), prompts={"source": rows}, progress=False, rs={"n": 8})
+    dm = KDTraceDataModule(str(tmp_path / "t"), vocab_size=VOCAB, source=col, loss_other="hybrid")
+    with pytest.raises(TraceValidationError, match="data.source \\(TraceCollector\\): .*collection.rs.hybrid=true"):
+        dm.prepare_data()

@@ -63,6 +63,7 @@ __all__ = [
     "check_same_trace_set",
     "check_column_types",
     "check_run_match",
+    "check_draws_match",
 ]
 
 SCHEMA_VERSION = "1"
@@ -703,13 +704,52 @@ def manifest_complete(trace_dir: str | os.PathLike, trace_set_id: str, shards: l
     return all(n in names for n in wanted) and not mismatched_shards(trace_dir)
 
 
+def check_draws_match(rs: dict | None, kd_variant: str, where: str) -> None:
+    """Refuse a KD target (`loss.other`) that the traces' sampled draws were not made for.
+
+    `rs` is the collection's `rs` settings (`n`, `hybrid`, ...; None or n = 0: no draws). `rs`
+    needs draws from the teacher's whole distribution and `hybrid` draws from the tail outside
+    the Top-K: tail draws under `rs` fit the student to the tail alone, and whole-distribution
+    draws under `hybrid` count the head twice. `bucket` and `renormalize` read no draws."""
+    if kd_variant not in ("rs", "hybrid"):
+        return
+    hybrid = bool((rs or {}).get("hybrid"))
+    if not (rs or {}).get("n"):
+        raise TraceValidationError(
+            f"{where}: loss.other={kd_variant} needs sampled draws (rs_ids / rs_counts, trace schema v2) and these "
+            "traces have none; collect them from a local teacher with collection.rs.n > 0"
+            f"{' and collection.rs.hybrid=true' if kd_variant == 'hybrid' else ''}, or set loss.other=bucket")
+    if kd_variant == "rs" and hybrid:
+        raise TraceValidationError(
+            f"{where}: the traces' draws come from the tail outside the Top-K only (collection.rs.hybrid=true), "
+            "and loss.other=rs would fit the student to that tail alone; set loss.other=hybrid, or re-collect "
+            "with collection.rs.hybrid=false")
+    if kd_variant == "hybrid" and not hybrid:
+        raise TraceValidationError(
+            f"{where}: the traces' draws come from the teacher's whole distribution (collection.rs.hybrid=false), "
+            "and loss.other=hybrid would count the exact Top-K head twice; set loss.other=rs, or re-collect "
+            "with collection.rs.hybrid=true")
+
+
 def check_run_match(meta: dict[str, str], where: str, *, vocab_size: int | None = None,
-                    tokenizer_hash: str | None = None, k_max: int | None = None) -> None:
+                    tokenizer_hash: str | None = None, k_max: int | None = None,
+                    kd_variant: str | None = None) -> None:
     """Refuse traces made for another run: their metadata (`table_metadata`) against the run's
-    vocabulary size, student tokenizer hash and largest K. A key the traces lack is not compared
-    (traces made elsewhere); a value the run does not know (None) neither."""
+    vocabulary size, student tokenizer hash, largest K and KD target (`kd_variant`, the run's
+    `loss.other`, against the draws: `check_draws_match`). A key the traces lack is not compared
+    (traces made elsewhere; v1 traces have no draws); a value the run does not know (None) neither."""
     def refuse(what: str, fix: str):
         raise TraceValidationError(f"{where}: {what}; {fix}")
+
+    if kd_variant is not None and ("rs" in meta or meta.get("schema_version") == SCHEMA_VERSION):
+        try:
+            rs = json.loads(meta["rs"]) if "rs" in meta else None
+        except json.JSONDecodeError:
+            rs = "?"
+        if not (rs is None or isinstance(rs, dict)):
+            refuse(f"{META_PREFIX}rs={meta['rs']!r} is not the JSON of the collection.rs settings",
+                   "re-collect the traces")
+        check_draws_match(rs, kd_variant, where)
 
     other_tokenizer = "use traces collected for this run's student tokenizer (re-collect them)"
     if vocab_size is not None and "vocab_size" in meta and meta["vocab_size"] != str(vocab_size):
