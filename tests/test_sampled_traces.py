@@ -84,6 +84,12 @@ def test_v1_shards_still_load_without_sampled_columns(tmp_path):
     ("rs_logq", [[math.nan, 0.0]], "not finite"),
     ("rs_ids", [[2, VOCAB]], f"outside \\[0, {VOCAB}\\)"),
     ("rs_counts", [[1]], "1 values for 2 rs_ids"),
+    ("rs_counts", [[3, None]], "element 1 is null"),
+    ("rs_ids", [[None, 3]], "element 0 is null"),
+    ("rs_logq", [[0.5, None]], "element 1 is null"),
+    ("rs_ids", [None], "is null \\(a position without draws holds an empty list\\)"),
+    ("rs_counts", [None], "is null"),
+    ("rs_logq", [None], "is null"),
 ])
 def test_bad_sampled_columns_are_refused_by_name(tmp_path, field, value, problem):
     rows = sampled_rows()

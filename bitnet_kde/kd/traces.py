@@ -630,7 +630,8 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
 
 def _validate_sampled(table: pa.Table, seq_len, row_off, pos_row, upper, vocab_size, fail) -> None:
     """Schema v2's sampled columns: one list per position, ids in the vocabulary and distinct,
-    counts >= 1, and finite log(q / p) values."""
+    counts >= 1, and finite log(q / p) values; no null row, position or element (a position
+    without draws holds an empty list)."""
     fields = [f.name for f in SAMPLED_FIELDS if f.name in table.column_names]
     per_pos = {}
     for field in fields:
@@ -641,6 +642,10 @@ def _validate_sampled(table: pa.Table, seq_len, row_off, pos_row, upper, vocab_s
         bad = np.flatnonzero(np.diff(off) != seq_len)
         if bad.size:
             fail(int(bad[0]), field, f"has {np.diff(off)[bad[0]]} positions but input_ids has {seq_len[bad[0]]}")
+        p = _first_null(values)  # positions are numbered as input_ids' now that the lengths agree
+        if p is not None:
+            fail(int(pos_row[p]), field, f"position {p - row_off[pos_row[p]]} is null (a position without draws "
+                 "holds an empty list)")
         per_pos[field] = list_offsets(values)
     pos_off, ids = per_pos["rs_ids"]
     sizes = np.diff(pos_off)
@@ -656,6 +661,10 @@ def _validate_sampled(table: pa.Table, seq_len, row_off, pos_row, upper, vocab_s
         p = int(pos[idx])
         fail(int(pos_row[p]), field, f"position {p - row_off[pos_row[p]]}: {problem}")
 
+    for field in fields:
+        idx = _first_null(per_pos[field][1])
+        if idx is not None:
+            fail_at(field, idx, f"element {idx - pos_off[pos[idx]]} is null")
     ids = ids.to_numpy(zero_copy_only=False).astype(np.int64)
     bad = np.flatnonzero((ids < 0) | (ids >= upper))
     if bad.size:
