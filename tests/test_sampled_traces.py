@@ -24,19 +24,39 @@ P = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
 
 def test_draws_follow_the_teacher_and_the_proposal():
     g = torch.Generator().manual_seed(0)
-    ((ids, counts, logq),) = draw_samples(P.log(), SampledTraceConfig(n=20000), g)
+    ((ids, counts, logq),) = draw_samples(P.log(), SampledTraceConfig(n=20000), [g])
     assert logq is None and sum(counts) == 20000 and ids == sorted(set(ids))
     freq = torch.zeros(5, dtype=torch.float64)
     freq[ids] = torch.tensor(counts, dtype=torch.float64) / 20000
     assert torch.allclose(freq, P[0].double(), atol=0.015)
     # beta = 0.5: q ∝ sqrt(p), log(q / p) stored per drawn id
-    ((ids, counts, logq),) = draw_samples(P.log(), SampledTraceConfig(n=50, beta=0.5), g)
+    ((ids, counts, logq),) = draw_samples(P.log(), SampledTraceConfig(n=50, beta=0.5), [g])
     q = P[0].sqrt() / P[0].sqrt().sum()
     assert logq == pytest.approx((q.log() - P[0].log())[ids].tolist(), abs=1e-5)
     # hybrid: never a head id; the tail is renormalized, so log(q / p) is relative to the tail
     head = torch.tensor([[0, 1]])
-    ((ids, counts, logq),) = draw_samples(P.log(), SampledTraceConfig(n=200, hybrid=True), g, head)
+    ((ids, counts, logq),) = draw_samples(P.log(), SampledTraceConfig(n=200, hybrid=True), [g], head)
     assert set(ids) <= {2, 3, 4} and sum(counts) == 200 and logq is None
+
+
+def test_each_chunk_and_prompt_draws_from_its_own_seed():
+    """Shards must not repeat each other's draws: identical distributions in two chunks (or two
+    prompts of a batch) get different draws, and the same settings give the same draws again."""
+    rows = [{"id": f"p{i}", "prompt": "hi", "category": "qa", "split": "train"} for i in range(2)]
+    col = TraceCollector(TopKOnlyTeacher(), prompts={"source": rows}, progress=False, rs={"n": 8, "seed": 3})
+    seeds = [col.chunk_draws(c).seed for c in range(3)]
+    assert len(set(seeds)) == 3 and 3 not in seeds
+    assert seeds == [TraceCollector(TopKOnlyTeacher(), rs={"n": 8, "seed": 3}).chunk_draws(c).seed for c in range(3)]
+    assert col.chunk_draws(1).as_dict() == {**col.rs.as_dict(), "seed": seeds[1]}
+    # draws of a row depend on its own generator only: same seed, same draws, whatever it is batched with
+    cfg = SampledTraceConfig(n=16)
+    logp = P.log().expand(3, -1)
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+    a = draw_samples(logp, cfg, gens(cfg.seed_of(0), cfg.seed_of(1), cfg.seed_of(0)))
+    assert a[0] == a[2] and a[0] != a[1]
+    assert draw_samples(logp[:1], cfg, gens(cfg.seed_of(1)))[0] == a[1]
 
 
 def sampled_rows() -> list[dict]:
@@ -135,13 +155,13 @@ def test_sampled_traces_from_an_api_teacher_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_local_teacher_collects_sampled_traces(tmp_path):
-    """The embedded teacher writes v2 shards whose draws add up to N at every KD-valid position and
-    whose hybrid draws avoid the Top-K."""
+    """The embedded teacher writes v2 shards whose draws add up to N at every KD-valid position,
+    whose hybrid draws avoid the Top-K, and whose chunks do not repeat each other's draws."""
     from bitnet_kde.teachers.local import LocalHFTeacher
 
     teacher = LocalHFTeacher.smollm2(batch_size=2)
     rows = [{"id": f"p{i}", "prompt": p, "category": "qa", "split": "train"}
-            for i, p in enumerate(["List three fruits.", "Name a colour."])]
+            for i, p in enumerate(["List three fruits.", "Name a colour.", "List three fruits."])]
     for rs in ({"n": 6}, {"n": 6, "beta": 0.5, "hybrid": True}):
         d = tmp_path / str(len(rs))
         col = TraceCollector(teacher, prompts={"source": rows}, chunk_size=2, progress=False,
@@ -154,6 +174,11 @@ def test_local_teacher_collects_sampled_traces(tmp_path):
                 assert sum(row["rs_counts"][t]) == (6 if v else 0)
                 if rs.get("hybrid"):
                     assert not set(row["rs_ids"][t]) & set(row["topk_ids"][t])
+        # greedy decoding: the same prompt in chunks 0 and 1 has the same completion (and, up to the
+        # float noise of padding, the same distributions), but draws of its own
+        first, again = (r for r in table.to_pylist() if r["prompt"] == "List three fruits.")
+        assert first["input_ids"] == again["input_ids"]
+        assert (first["rs_ids"], first["rs_counts"]) != (again["rs_ids"], again["rs_counts"])
         ds = TraceDataset(table, 64)
         batch = collate_traces([ds[i] for i in range(len(ds))])
         assert np.isfinite(float(DistillationLoss(LossConfig(other="hybrid" if rs.get("hybrid") else "rs"))(
