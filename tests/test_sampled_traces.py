@@ -7,11 +7,13 @@ import json
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from test_traces import VOCAB, meta, valid_rows
 
 from bitnet_kde.data.datamodule import KDTraceDataModule, TraceDataset, collate_traces
+from bitnet_kde.data.stream import TraceIndex
 from bitnet_kde.kd.collect import TraceCollector
 from bitnet_kde.kd.projection import _merge_samples, project_identity
 from bitnet_kde.kd.traces import TraceValidationError, check_run_match, read_traces, table_metadata, write_trace_shard
@@ -223,3 +225,33 @@ def test_collecting_draws_for_the_other_variant_is_refused_before_any_request(tm
     dm = KDTraceDataModule(str(tmp_path / "t"), vocab_size=VOCAB, source=col, loss_other="hybrid")
     with pytest.raises(TraceValidationError, match="data.source \\(TraceCollector\\): .*collection.rs.hybrid=true"):
         dm.prepare_data()
+
+
+def renamed(rows: list[dict], prefix: str) -> list[dict]:
+    return [{**r, "id": prefix + r["id"]} for r in rows]
+
+
+@pytest.mark.parametrize("second, key", [
+    (lambda d: write_trace_shard(renamed(valid_rows(), "b"), d / "b.parquet", meta()), "schema_version='1'"),
+    (lambda d: write_trace_shard(renamed(sampled_rows(), "b"), d / "b.parquet",
+                                 meta(rs=json.dumps({"n": 4, "beta": 0.5, "seed": 0, "hybrid": False}))), "rs="),
+])
+def test_a_folder_mixing_sampled_settings_or_versions_is_refused_by_name(tmp_path, second, key):
+    write_trace_shard(sampled_rows(), tmp_path / "a.parquet", draws_meta())
+    second(tmp_path)
+    want = f"b.parquet: made for bitnet_kde.{key}.*a.parquet.*different trace sets are mixed"
+    with pytest.raises(TraceValidationError, match=want):
+        read_traces(tmp_path, vocab_size=VOCAB)
+    with pytest.raises(TraceValidationError, match=want):
+        TraceIndex.scan(str(tmp_path), val_fraction=0.5, max_seq_len=16, vocab_size=VOCAB)
+
+
+def test_a_batch_with_sampled_columns_in_some_rows_only_is_refused():
+    rows = sampled_rows()
+    table = pa.Table.from_pylist(rows)
+    items = [dict(TraceDataset(table, 16)[i], id=rows[i]["id"]) for i in range(3)]
+    items[1].pop("rs_logq")
+    with pytest.raises(TraceValidationError, match="mixes rows with and without the sampled column 'rs_logq' "
+                       "\\(without: \\['r1'\\]\\)"):
+        collate_traces(items)
+    assert collate_traces([items[0], items[2]])["rs_logq"].shape == (2, 5, 2)

@@ -38,7 +38,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from bitnet_kde import storage
 from bitnet_kde.data.format_mask import token_format_mask
 from bitnet_kde.data.stream import TraceIndex, TraceStream, split_of
-from bitnet_kde.kd.traces import TraceSource, check_draws_match, check_run_match, list_offsets, list_shards
+from bitnet_kde.kd.traces import (TraceSource, TraceValidationError, check_draws_match, check_run_match, list_offsets,
+                                   list_shards)
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,14 @@ def collate_traces(rows: list[dict]) -> dict:
         out["topk_ids"][i, :n, :kk] = torch.from_numpy(r["topk_ids"])
         out["topk_logprobs"][i, :n, :kk] = torch.from_numpy(r["topk_logprobs"])
     for name in ("rs_ids", "rs_counts", "rs_logq"):  # sampled columns (schema v2), padded with count 0
-        if all(name in r for r in rows):
+        have = [name in r for r in rows]
+        if any(have) and not all(have):
+            which = [r.get("id", f"item {i}") for i, r in enumerate(rows) if not have[i]]
+            raise TraceValidationError(
+                f"a batch mixes rows with and without the sampled column '{name}' (without: {which[:5]}): "
+                "shards of different trace sets are mixed; keep one trace set per folder (or re-collect into "
+                "an empty one)")
+        if all(have):
             s = max(r[name].shape[1] for r in rows)
             out[name] = torch.zeros(b, t, s, dtype=torch.long if name == "rs_ids" else torch.float32)
             for i, r in enumerate(rows):

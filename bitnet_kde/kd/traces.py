@@ -382,7 +382,8 @@ def read_traces(source, *, vocab_size: int | None = None, k_max: int = 128) -> p
     `vocab_size` (when given) bounds every token id; `k_max` bounds the candidates per position.
     A folder with a `manifest.json` is read only if each shard has the sha256 and row count the
     manifest recorded. Row ids must be unique across all files, and the files must agree on the
-    student tokenizer and vocabulary they were made for.
+    student tokenizer and vocabulary they were made for, their schema version and draw settings
+    (`SET_KEYS`).
     Raises `TraceValidationError` naming the file, row and field of the first problem.
     """
     if isinstance(source, (list, tuple)):
@@ -443,8 +444,9 @@ def _read_one(path, entry: dict | None, *, vocab_size: int | None, k_max: int) -
     return table.cast(schema.with_metadata(table.schema.metadata))
 
 
-SET_KEYS = ("student_tokenizer_hash", "vocab_size")
-"""Metadata every file of one trace set shares: ids only mean something under one tokenizer."""
+SET_KEYS = ("student_tokenizer_hash", "vocab_size", "schema_version", "rs")
+"""Metadata every file of one trace set shares: ids only mean something under one tokenizer, and
+one set has sampled columns in every shard or in none, all drawn with the same `rs` settings."""
 
 
 def check_same_trace_set(paths: list, tables: list[pa.Table]) -> None:
