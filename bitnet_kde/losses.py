@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["kd_per_position", "kd_topk_other_loss", "DistillationLoss", "LossConfig", "ProjectedLogits",
            "fused_distillation_loss", "kd_sampled_per_position", "kd_sampled_loss", "kd_hybrid_loss",
-           "KD_VARIANTS", "SAMPLED_VARIANTS"]
+           "KD_VARIANTS", "SAMPLED_VARIANTS", "has_draws"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -203,15 +203,24 @@ def kd_sampled_per_position(logits, rs_ids, rs_counts, mask, rs_logq=None, topk_
     return torch.where(mask, kl, torch.zeros_like(kl))
 
 
+def has_draws(rs_counts) -> torch.Tensor:
+    """[...] True where a position holds at least one draw (`rs_counts` [..., S], padding 0).
+
+    Under RS-KD a position without draws has no estimate at all (the strings projection drops the
+    draws that map to no student token, sometimes all of them), so it is left out of the mean
+    instead of counting as a KL of 0."""
+    return (rs_counts > 0).any(-1)
+
+
 def kd_sampled_loss(logits, rs_ids, rs_counts, mask, rs_logq=None) -> torch.Tensor:
-    """Mean over masked-in positions of the RS-KD loss (`kd_sampled_per_position`).
+    """Mean over masked-in positions with draws (`has_draws`) of the RS-KD loss (`kd_sampled_per_position`).
 
     Shapes: logits [B, T, V]; rs_ids / rs_counts (/ rs_logq) [B, T, S]; mask [B, T]. Per position:
     the cross-entropy of the student against the sampled estimate p_hat minus the entropy of
-    p_hat. Returns a scalar; 0 (with a gradient path) if the mask is empty.
+    p_hat. Returns a scalar; 0 (with a gradient path) if no masked-in position has draws.
     """
     kl = kd_sampled_per_position(logits, rs_ids, rs_counts, mask, rs_logq)
-    return kl.sum() / mask.sum().clamp_min(1)
+    return kl.sum() / (mask & has_draws(rs_counts)).sum().clamp_min(1)
 
 
 def kd_hybrid_loss(logits, topk_ids, topk_logprobs, other_logprob, rs_ids, rs_counts, mask,
@@ -298,6 +307,9 @@ class DistillationLoss(torch.nn.Module):
         """The loss-bearing positions (flat indices `rows` into [B * T]) and their per-row inputs."""
         loss_mask = batch["loss_mask"]
         kd_mask = loss_mask & batch["kd_valid"]
+        rs = self._sampled_columns(batch)
+        if self.cfg.other == "rs":
+            kd_mask = kd_mask & has_draws(rs[1])  # no draw, no estimate: not a KL of 0 in the mean
         fmt_mask = loss_mask & batch["format_mask"]
         rows = loss_mask.flatten().nonzero().squeeze(-1)
         targets = batch["input_ids"][:, 1:]
@@ -305,19 +317,18 @@ class DistillationLoss(torch.nn.Module):
         return {"rows": rows, "targets": targets, "ids": batch["topk_ids"].flatten(0, 1)[rows],
                 "lp": batch["topk_logprobs"].flatten(0, 1)[rows], "olp": batch["other_logprob"].flatten()[rows],
                 "kd_sel": kd_mask.flatten()[rows], "fmt_sel": fmt_mask.flatten()[rows],
-                "counts": (loss_mask.sum(), kd_mask.sum(), fmt_mask.sum()), "rs": self._sampled_rows(batch, rows)}
+                "counts": (loss_mask.sum(), kd_mask.sum(), fmt_mask.sum()),
+                "rs": None if rs is None else tuple(None if x is None else x.flatten(0, 1)[rows] for x in rs)}
 
-    def _sampled_rows(self, batch: dict, rows) -> tuple | None:
-        """(rs_ids, rs_counts, rs_logq or None) of the loss-bearing rows, for the sampled variants."""
+    def _sampled_columns(self, batch: dict) -> tuple | None:
+        """(rs_ids, rs_counts, rs_logq or None) [B, T, S] of the batch, for the sampled variants."""
         if self.cfg.other not in SAMPLED_VARIANTS:
             return None
         if "rs_ids" not in batch or "rs_counts" not in batch:
             raise ValueError(f"loss.other={self.cfg.other} needs sampled traces (rs_ids / rs_counts columns, "
                              "trace schema v2): collect them from a local teacher with collection.rs.n > 0, "
                              "or use loss.other=bucket")
-        logq = batch.get("rs_logq")
-        return (batch["rs_ids"].flatten(0, 1)[rows], batch["rs_counts"].flatten(0, 1)[rows],
-                None if logq is None else logq.flatten(0, 1)[rows])
+        return batch["rs_ids"], batch["rs_counts"], batch.get("rs_logq")
 
     def _chunks(self, n: int):
         step = self.cfg.chunk_size or max(n, 1)

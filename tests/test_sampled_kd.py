@@ -237,3 +237,24 @@ def test_sampled_variants_refuse_a_temperature(variant):
         DistillationLoss(LossConfig(other=variant, tau=2.0))
     DistillationLoss(LossConfig(other=variant, tau=1.0))
     DistillationLoss(LossConfig(other="bucket", tau=2.0))
+
+
+def test_rs_positions_without_draws_are_left_out_of_the_mean():
+    """A KD-valid position whose draws all mapped to no student token (strings projection) has no
+    estimate: it must not count as a KL of 0 and dilute the mean. The hybrid keeps it (exact head)."""
+    logits, batch = module_batch()
+    kd_mask = batch["loss_mask"] & batch["kd_valid"]
+    b, t = kd_mask.nonzero()[0].tolist()
+    batch["rs_counts"][b, t] = 0
+    per = kd_sampled_per_position(logits, batch["rs_ids"], batch["rs_counts"], kd_mask, batch["rs_logq"])
+    assert float(per[b, t]) == 0.0
+    want = float(per.sum()) / (int(kd_mask.sum()) - 1)
+    assert float(kd_sampled_loss(logits, batch["rs_ids"], batch["rs_counts"], kd_mask, batch["rs_logq"])) == \
+        pytest.approx(want, rel=1e-10)
+    for fused in (False, True):
+        cfg = LossConfig(other="rs", chunk_size=4)
+        h = torch.eye(logits.shape[-1], dtype=F64)
+        out = fused_distillation_loss(logits, h, batch, cfg) if fused else DistillationLoss(cfg)(logits, batch)
+        assert float(out["kd"]) == pytest.approx(want, rel=1e-10)
+        assert int(out["n_kd_tokens"]) == int(kd_mask.sum()) - 1
+    assert int(DistillationLoss(LossConfig(other="hybrid"))(logits, batch)["n_kd_tokens"]) == int(kd_mask.sum())
