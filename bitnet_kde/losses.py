@@ -149,7 +149,9 @@ def kd_topk_other_loss(logits, topk_ids, topk_logprobs, other_logprob, mask, tau
 # depends on the student, so its gradient is an unbiased estimate of the full-vocabulary KD gradient.
 # `rs_logq` holds log(q(v) / p(v)) of each sampled id (absent or 0 when q = p). The hybrid keeps
 # the exact Top-K head and samples only the tail (q = p restricted to the tail, renormalized), so
-# a tail sample stands for P(Other) * c_v / N.
+# a tail sample stands for P(Other) * c_v / N. N is the sum of a position's counts: after the strings
+# projection has dropped the draws that map to no student token that is fewer than were drawn, and
+# the estimate is biased (docs/TRACE_FORMAT.md, "Sampled draws on the strings path").
 
 
 def _sampled_weights(rs_counts, rs_logq, valid, scale):
