@@ -733,12 +733,12 @@ def check_draws_match(rs: dict | None, kd_variant: str, where: str) -> None:
     if kd_variant == "rs" and hybrid:
         raise TraceValidationError(
             f"{where}: the traces' draws come from the tail outside the Top-K only (collection.rs.hybrid=true), "
-            "and loss.other=rs would fit the student to that tail alone; set loss.other=hybrid, or re-collect "
+            "and loss.other=rs would fit the student to that tail alone; set loss.other=hybrid, or collect them "
             "with collection.rs.hybrid=false")
     if kd_variant == "hybrid" and not hybrid:
         raise TraceValidationError(
             f"{where}: the traces' draws come from the teacher's whole distribution (collection.rs.hybrid=false), "
-            "and loss.other=hybrid would count the exact Top-K head twice; set loss.other=rs, or re-collect "
+            "and loss.other=hybrid would count the exact Top-K head twice; set loss.other=rs, or collect them "
             "with collection.rs.hybrid=true")
 
 
