@@ -288,8 +288,8 @@ class DistillationLoss(torch.nn.Module):
         if self.cfg.other in SAMPLED_VARIANTS and self.cfg.tau != 1.0:
             raise ValueError(
                 f"loss.tau={self.cfg.tau} with loss.other={self.cfg.other}: the sampled draws are made at temperature "
-                f"1, so tau would soften the student only and train it towards p^tau instead of the teacher's p; "
-                f"set loss.tau=1 (or use loss.other=bucket to distil at a temperature)")
+                "1, so tau would soften the student only and train it towards p^tau instead of the teacher's p; "
+                "set loss.tau=1 (or use loss.other=bucket to distil at a temperature)")
 
     def _chunk_terms(self, z, targets, ids, lp, olp, kd_mask, rs=None):
         z = z.to(_compute_dtype(z.dtype))

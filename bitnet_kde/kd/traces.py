@@ -753,13 +753,15 @@ def check_run_match(meta: dict[str, str], where: str, *, vocab_size: int | None 
         raise TraceValidationError(f"{where}: {what}; {fix}")
 
     if kd_variant is not None and ("rs" in meta or meta.get("schema_version") == SCHEMA_VERSION):
-        try:
-            rs = json.loads(meta["rs"]) if "rs" in meta else None
-        except json.JSONDecodeError:
-            rs = "?"
-        if not (rs is None or isinstance(rs, dict)):
-            refuse(f"{META_PREFIX}rs={meta['rs']!r} is not the JSON of the collection.rs settings",
-                   "re-collect the traces")
+        rs = None
+        if "rs" in meta:
+            try:
+                rs = json.loads(meta["rs"])
+            except json.JSONDecodeError:
+                pass
+            if not isinstance(rs, dict):
+                refuse(f"{META_PREFIX}rs={meta['rs']!r} is not the JSON of the collection.rs settings",
+                       "re-collect the traces")
         check_draws_match(rs, kd_variant, where)
 
     other_tokenizer = "use traces collected for this run's student tokenizer (re-collect them)"
