@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["kd_per_position", "kd_topk_other_loss", "DistillationLoss", "LossConfig", "ProjectedLogits",
            "fused_distillation_loss", "kd_sampled_per_position", "kd_sampled_loss", "kd_hybrid_loss",
-           "KD_VARIANTS", "SAMPLED_VARIANTS"]
+           "KD_VARIANTS", "SAMPLED_VARIANTS", "has_draws"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -149,7 +149,9 @@ def kd_topk_other_loss(logits, topk_ids, topk_logprobs, other_logprob, mask, tau
 # depends on the student, so its gradient is an unbiased estimate of the full-vocabulary KD gradient.
 # `rs_logq` holds log(q(v) / p(v)) of each sampled id (absent or 0 when q = p). The hybrid keeps
 # the exact Top-K head and samples only the tail (q = p restricted to the tail, renormalized), so
-# a tail sample stands for P(Other) * c_v / N.
+# a tail sample stands for P(Other) * c_v / N. N is the sum of a position's counts: after the strings
+# projection has dropped the draws that map to no student token that is fewer than were drawn, and
+# the estimate is biased (docs/TRACE_FORMAT.md, "Sampled draws on the strings path").
 
 
 def _sampled_weights(rs_counts, rs_logq, valid, scale):
@@ -162,7 +164,7 @@ def _sampled_weights(rs_counts, rs_logq, valid, scale):
     return w, valid & (w > 0)
 
 
-def kd_sampled_per_position(logits, rs_ids, rs_counts, mask, tau: float = 1.0, rs_logq=None, topk_ids=None,
+def kd_sampled_per_position(logits, rs_ids, rs_counts, mask, rs_logq=None, topk_ids=None,
                             topk_logprobs=None, other_logprob=None, lse=None) -> torch.Tensor:
     """Sampled-estimate KL(p_hat || student) at every position; exactly 0 where `mask` is False.
 
@@ -170,12 +172,11 @@ def kd_sampled_per_position(logits, rs_ids, rs_counts, mask, tau: float = 1.0, r
     or logq); mask [...]. Without `topk_*` this is RS-KD: p_hat(v) = c_v / N * exp(-rs_logq_v).
     With `topk_ids` / `topk_logprobs` [..., K] and `other_logprob` [...] it is the hybrid: the exact
     head p_k plus the sampled tail, each tail sample weighted exp(other_logprob) * c_v / N.
-    The samples are drawn at temperature 1, so `tau` softens the student only (`z / tau`).
-    Returns [...] in at least float32; `lse` ([..., 1], logsumexp of `logits`) is used at tau == 1.
+    The draws are made at temperature 1, so there is no `tau`: softening only the student would
+    move its optimum from p to p^tau (`DistillationLoss` refuses tau != 1 with these variants).
+    Returns [...] in at least float32; `lse` ([..., 1], logsumexp of `logits`) saves a pass over V.
     """
     z = logits.to(_compute_dtype(logits.dtype))
-    if tau != 1.0:
-        z, lse = z / tau, None
     if lse is None:
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
     m = mask.unsqueeze(-1)
@@ -204,23 +205,31 @@ def kd_sampled_per_position(logits, rs_ids, rs_counts, mask, tau: float = 1.0, r
     return torch.where(mask, kl, torch.zeros_like(kl))
 
 
-def kd_sampled_loss(logits, rs_ids, rs_counts, mask, tau: float = 1.0, rs_logq=None) -> torch.Tensor:
-    """`tau**2` x mean over masked-in positions of the RS-KD loss (`kd_sampled_per_position`).
+def has_draws(rs_counts) -> torch.Tensor:
+    """[...] True where a position holds at least one draw (`rs_counts` [..., S], padding 0).
+
+    Under RS-KD a position without draws has no estimate at all (the strings projection drops the
+    draws that map to no student token, sometimes all of them), so it is left out of the mean
+    instead of counting as a KL of 0."""
+    return (rs_counts > 0).any(-1)
+
+
+def kd_sampled_loss(logits, rs_ids, rs_counts, mask, rs_logq=None) -> torch.Tensor:
+    """Mean over masked-in positions with draws (`has_draws`) of the RS-KD loss (`kd_sampled_per_position`).
 
     Shapes: logits [B, T, V]; rs_ids / rs_counts (/ rs_logq) [B, T, S]; mask [B, T]. Per position:
     the cross-entropy of the student against the sampled estimate p_hat minus the entropy of
-    p_hat. Returns a scalar; 0 (with a gradient path) if the mask is empty.
+    p_hat. Returns a scalar; 0 (with a gradient path) if no masked-in position has draws.
     """
-    kl = kd_sampled_per_position(logits, rs_ids, rs_counts, mask, tau, rs_logq)
-    return tau**2 * kl.sum() / mask.sum().clamp_min(1)
+    kl = kd_sampled_per_position(logits, rs_ids, rs_counts, mask, rs_logq)
+    return kl.sum() / (mask & has_draws(rs_counts)).sum().clamp_min(1)
 
 
-def kd_hybrid_loss(logits, topk_ids, topk_logprobs, other_logprob, rs_ids, rs_counts, mask, tau: float = 1.0,
+def kd_hybrid_loss(logits, topk_ids, topk_logprobs, other_logprob, rs_ids, rs_counts, mask,
                    rs_logq=None) -> torch.Tensor:
-    """`tau**2` x mean over masked-in positions of the hybrid loss: exact Top-K head + sampled tail."""
-    kl = kd_sampled_per_position(logits, rs_ids, rs_counts, mask, tau, rs_logq, topk_ids, topk_logprobs,
-                                 other_logprob)
-    return tau**2 * kl.sum() / mask.sum().clamp_min(1)
+    """Mean over masked-in positions of the hybrid loss: exact Top-K head + sampled tail."""
+    kl = kd_sampled_per_position(logits, rs_ids, rs_counts, mask, rs_logq, topk_ids, topk_logprobs, other_logprob)
+    return kl.sum() / mask.sum().clamp_min(1)
 
 
 KD_VARIANTS = ("bucket", "renormalize", "rs", "hybrid")
@@ -240,7 +249,8 @@ class LossConfig:
     format_weight: float = 0.1
     """Weight of cross-entropy restricted to JSON structural tokens."""
     tau: float = 1.0
-    """Distillation temperature (exact at 1; the Other atom is an approximation otherwise)."""
+    """Distillation temperature (exact at 1; the Other atom is an approximation otherwise). Must be 1
+    with `rs` / `hybrid`: their draws are made at temperature 1."""
     other: str = "bucket"
     """KD target: `bucket` keeps the teacher's tail mass as an Other bucket; `renormalize` drops it;
     `rs` uses the sampled estimate of the whole distribution; `hybrid` the exact Top-K head plus the
@@ -275,15 +285,20 @@ class DistillationLoss(torch.nn.Module):
         self.cfg = cfg or LossConfig(**kwargs)
         if self.cfg.other not in KD_VARIANTS:
             raise ValueError(f"loss.other must be one of {', '.join(KD_VARIANTS)}, got {self.cfg.other!r}")
+        if self.cfg.other in SAMPLED_VARIANTS and self.cfg.tau != 1.0:
+            raise ValueError(
+                f"loss.tau={self.cfg.tau} with loss.other={self.cfg.other}: the sampled draws are made at temperature "
+                "1, so tau would soften the student only and train it towards p^tau instead of the teacher's p; "
+                "set loss.tau=1 (or use loss.other=bucket to distil at a temperature)")
 
     def _chunk_terms(self, z, targets, ids, lp, olp, kd_mask, rs=None):
         z = z.to(_compute_dtype(z.dtype))
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         ce = (lse - z.gather(-1, targets.unsqueeze(-1))).squeeze(-1)
         if self.cfg.other == "rs":
-            kd = kd_sampled_per_position(z, rs[0], rs[1], kd_mask, self.cfg.tau, rs[2], lse=lse)
+            kd = kd_sampled_per_position(z, rs[0], rs[1], kd_mask, rs[2], lse=lse)
         elif self.cfg.other == "hybrid":
-            kd = kd_sampled_per_position(z, rs[0], rs[1], kd_mask, self.cfg.tau, rs[2], ids, lp, olp, lse=lse)
+            kd = kd_sampled_per_position(z, rs[0], rs[1], kd_mask, rs[2], ids, lp, olp, lse=lse)
         else:
             kd = kd_per_position(z, ids, lp, olp, kd_mask, self.cfg.tau, self.cfg.other, lse=lse)
         # slot 0 holds the teacher's most probable candidate; ids are clamped into V as for the KL
@@ -294,6 +309,9 @@ class DistillationLoss(torch.nn.Module):
         """The loss-bearing positions (flat indices `rows` into [B * T]) and their per-row inputs."""
         loss_mask = batch["loss_mask"]
         kd_mask = loss_mask & batch["kd_valid"]
+        rs = self._sampled_columns(batch)
+        if self.cfg.other == "rs":
+            kd_mask = kd_mask & has_draws(rs[1])  # no draw, no estimate: not a KL of 0 in the mean
         fmt_mask = loss_mask & batch["format_mask"]
         rows = loss_mask.flatten().nonzero().squeeze(-1)
         targets = batch["input_ids"][:, 1:]
@@ -301,19 +319,18 @@ class DistillationLoss(torch.nn.Module):
         return {"rows": rows, "targets": targets, "ids": batch["topk_ids"].flatten(0, 1)[rows],
                 "lp": batch["topk_logprobs"].flatten(0, 1)[rows], "olp": batch["other_logprob"].flatten()[rows],
                 "kd_sel": kd_mask.flatten()[rows], "fmt_sel": fmt_mask.flatten()[rows],
-                "counts": (loss_mask.sum(), kd_mask.sum(), fmt_mask.sum()), "rs": self._sampled_rows(batch, rows)}
+                "counts": (loss_mask.sum(), kd_mask.sum(), fmt_mask.sum()),
+                "rs": None if rs is None else tuple(None if x is None else x.flatten(0, 1)[rows] for x in rs)}
 
-    def _sampled_rows(self, batch: dict, rows) -> tuple | None:
-        """(rs_ids, rs_counts, rs_logq or None) of the loss-bearing rows, for the sampled variants."""
+    def _sampled_columns(self, batch: dict) -> tuple | None:
+        """(rs_ids, rs_counts, rs_logq or None) [B, T, S] of the batch, for the sampled variants."""
         if self.cfg.other not in SAMPLED_VARIANTS:
             return None
         if "rs_ids" not in batch or "rs_counts" not in batch:
             raise ValueError(f"loss.other={self.cfg.other} needs sampled traces (rs_ids / rs_counts columns, "
                              "trace schema v2): collect them from a local teacher with collection.rs.n > 0, "
                              "or use loss.other=bucket")
-        logq = batch.get("rs_logq")
-        return (batch["rs_ids"].flatten(0, 1)[rows], batch["rs_counts"].flatten(0, 1)[rows],
-                None if logq is None else logq.flatten(0, 1)[rows])
+        return batch["rs_ids"], batch["rs_counts"], batch.get("rs_logq")
 
     def _chunks(self, n: int):
         step = self.cfg.chunk_size or max(n, 1)

@@ -20,14 +20,14 @@ from bitnet_kde.losses import (
 F64 = torch.float64
 
 
-def ref_position(z, ids, counts, tau, logq=None, head=None, other_lp=None):
+def ref_position(z, ids, counts, logq=None, head=None, other_lp=None):
     """Estimate-vs-student KL at one position, plain loops in float64.
 
     p_hat(v) = c_v / N * p(v)/q(v) for each sampled id (N = sum of counts); with a head, the head
     ids carry their exact probability and the sampled tail is scaled by P(Other). Value:
-    sum p_hat (log p_hat - log softmax(z / tau)_v).
+    sum p_hat (log p_hat - log softmax(z)_v).
     """
-    s = torch.log_softmax(z.to(F64) / tau, dim=-1)
+    s = torch.log_softmax(z.to(F64), dim=-1)
     real = [j for j in range(len(ids)) if counts[j] > 0]
     n = sum(float(counts[j]) for j in real)
     scale = 1.0 if head is None else math.exp(float(other_lp))
@@ -62,19 +62,18 @@ def dense_case(seed=0, B=2, T=5, V=9, S=4):
     return logits, ids, counts, logq, mask
 
 
-@pytest.mark.parametrize("tau", [1.0, 2.0])
 @pytest.mark.parametrize("with_logq", [False, True])
-def test_rs_loss_matches_reference(tau, with_logq):
+def test_rs_loss_matches_reference(with_logq):
     logits, ids, counts, logq, mask = dense_case()
     logits.requires_grad_(True)
-    got = kd_sampled_loss(logits, ids, counts, mask, tau=tau, rs_logq=logq if with_logq else None)
-    ref = sum(ref_position(logits[b, t], ids[b, t], counts[b, t], tau, logq[b, t] if with_logq else None)
-              for b, t in mask.nonzero().tolist()) * tau**2 / int(mask.sum())
+    got = kd_sampled_loss(logits, ids, counts, mask, rs_logq=logq if with_logq else None)
+    ref = sum(ref_position(logits[b, t], ids[b, t], counts[b, t], logq[b, t] if with_logq else None)
+              for b, t in mask.nonzero().tolist()) / int(mask.sum())
     assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-10)
     g_got = torch.autograd.grad(got, logits)[0]
     logits2 = logits.detach().clone().requires_grad_(True)
-    ref2 = sum(ref_position(logits2[b, t], ids[b, t], counts[b, t], tau, logq[b, t] if with_logq else None)
-               for b, t in mask.nonzero().tolist()) * tau**2 / int(mask.sum())
+    ref2 = sum(ref_position(logits2[b, t], ids[b, t], counts[b, t], logq[b, t] if with_logq else None)
+               for b, t in mask.nonzero().tolist()) / int(mask.sum())
     g_ref = torch.autograd.grad(ref2, logits2)[0]
     torch.testing.assert_close(g_got, g_ref, rtol=1e-9, atol=1e-12)
 
@@ -91,7 +90,7 @@ def test_hybrid_loss_matches_reference():
     ref = 0.0
     for b, t in mask.nonzero().tolist():
         head = [(int(i), float(lp)) for i, lp in zip(head_ids[b, t], head_lp[b, t]) if math.isfinite(lp)]
-        ref = ref + ref_position(logits[b, t], ids[b, t], counts[b, t], 1.0, head=head, other_lp=other[b, t])
+        ref = ref + ref_position(logits[b, t], ids[b, t], counts[b, t], head=head, other_lp=other[b, t])
     assert float(got) == pytest.approx(float(ref) / int(mask.sum()), rel=1e-10)
 
 
@@ -229,3 +228,33 @@ def test_sampled_variant_without_sampled_columns_is_refused():
         DistillationLoss(LossConfig(other="rs"))(logits, batch)
     with pytest.raises(ValueError, match="loss.other must be one of bucket, renormalize, rs, hybrid"):
         DistillationLoss(LossConfig(other="sampled"))
+
+
+@pytest.mark.parametrize("variant", ["rs", "hybrid"])
+def test_sampled_variants_refuse_a_temperature(variant):
+    """The draws are made at temperature 1: a tau would soften the student only."""
+    with pytest.raises(ValueError, match=f"loss.tau=2.0 with loss.other={variant}: .*p\\^tau.*set loss.tau=1"):
+        DistillationLoss(LossConfig(other=variant, tau=2.0))
+    DistillationLoss(LossConfig(other=variant, tau=1.0))
+    DistillationLoss(LossConfig(other="bucket", tau=2.0))
+
+
+def test_rs_positions_without_draws_are_left_out_of_the_mean():
+    """A KD-valid position whose draws all mapped to no student token (strings projection) has no
+    estimate: it must not count as a KL of 0 and dilute the mean. The hybrid keeps it (exact head)."""
+    logits, batch = module_batch()
+    kd_mask = batch["loss_mask"] & batch["kd_valid"]
+    b, t = kd_mask.nonzero()[0].tolist()
+    batch["rs_counts"][b, t] = 0
+    per = kd_sampled_per_position(logits, batch["rs_ids"], batch["rs_counts"], kd_mask, batch["rs_logq"])
+    assert float(per[b, t]) == 0.0
+    want = float(per.sum()) / (int(kd_mask.sum()) - 1)
+    assert float(kd_sampled_loss(logits, batch["rs_ids"], batch["rs_counts"], kd_mask, batch["rs_logq"])) == \
+        pytest.approx(want, rel=1e-10)
+    for fused in (False, True):
+        cfg = LossConfig(other="rs", chunk_size=4)
+        h = torch.eye(logits.shape[-1], dtype=F64)
+        out = fused_distillation_loss(logits, h, batch, cfg) if fused else DistillationLoss(cfg)(logits, batch)
+        assert float(out["kd"]) == pytest.approx(want, rel=1e-10)
+        assert int(out["n_kd_tokens"]) == int(kd_mask.sum()) - 1
+    assert int(DistillationLoss(LossConfig(other="hybrid"))(logits, batch)["n_kd_tokens"]) == int(kd_mask.sum())

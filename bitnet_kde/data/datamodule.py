@@ -38,7 +38,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from bitnet_kde import storage
 from bitnet_kde.data.format_mask import token_format_mask
 from bitnet_kde.data.stream import TraceIndex, TraceStream, split_of
-from bitnet_kde.kd.traces import TraceSource, check_run_match, list_offsets, list_shards
+from bitnet_kde.kd.traces import (TraceSource, TraceValidationError, check_draws_match, check_run_match, list_offsets,
+                                   list_shards)
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,14 @@ def collate_traces(rows: list[dict]) -> dict:
         out["topk_ids"][i, :n, :kk] = torch.from_numpy(r["topk_ids"])
         out["topk_logprobs"][i, :n, :kk] = torch.from_numpy(r["topk_logprobs"])
     for name in ("rs_ids", "rs_counts", "rs_logq"):  # sampled columns (schema v2), padded with count 0
-        if all(name in r for r in rows):
+        have = [name in r for r in rows]
+        if any(have) and not all(have):
+            which = [r.get("id", f"item {i}") for i, r in enumerate(rows) if not have[i]]
+            raise TraceValidationError(
+                f"a batch mixes rows with and without the sampled column '{name}' (without: {which[:5]}): "
+                "shards of different trace sets are mixed; keep one trace set per folder (or re-collect into "
+                "an empty one)")
+        if all(have):
             s = max(r[name].shape[1] for r in rows)
             out[name] = torch.zeros(b, t, s, dtype=torch.long if name == "rs_ids" else torch.float32)
             for i, r in enumerate(rows):
@@ -220,12 +228,15 @@ class KDTraceDataModule(pl.LightningDataModule):
         verify_sha256: hash every shard against its manifest entry when the run starts (one read of
             the trace set per rank); False skips only that (page checksums and footers are still
             checked), for very large sets on remote stores.
+        loss_other: the run's KD target (`loss.other`); `rs` / `hybrid` need traces whose sampled
+            draws were made for them (`check_draws_match`), refused before any step otherwise (and
+            before collecting when `source` would make the wrong draws). None: not checked.
     """
 
     def __init__(self, trace_dir: str, vocab_size: int, source: TraceSource | None = None, max_seq_len: int = 512,
                  k_max: int = 128, batch_size: int = 16, val_batch_size: int | None = None, val_fraction: float = 0.1,
                  num_workers: int = 2, pin_memory: bool = False, piece_table: Sequence[str] | None = None,
-                 shuffle_seed: int = 0, verify_sha256: bool = True):
+                 shuffle_seed: int = 0, verify_sha256: bool = True, loss_other: str | None = None):
         super().__init__()
         if isinstance(source, Mapping):
             # e.g. experiment=smoke (which sizes data=synthetic's source) with data=parquet
@@ -240,11 +251,15 @@ class KDTraceDataModule(pl.LightningDataModule):
         self.val_fraction, self.num_workers, self.pin_memory = val_fraction, num_workers, pin_memory
         self.piece_table = piece_table
         self.shuffle_seed, self.verify_sha256 = shuffle_seed, verify_sha256
+        self.loss_other = loss_other
         self.index: TraceIndex | None = None
         self.train_set: TraceStream | None = None
         self.val_set: TraceStream | None = None
 
     def prepare_data(self) -> None:
+        draws = getattr(self.source, "rs", None)  # the draws a collecting source makes (SampledTraceConfig)
+        if self.loss_other is not None and draws is not None:
+            check_draws_match(draws.as_dict(), self.loss_other, f"data.source ({type(self.source).__name__})")
         if self.source is not None:
             if self.source.is_complete(self.trace_dir):
                 log.info("reusing traces in %s", self.trace_dir)
@@ -263,7 +278,8 @@ class KDTraceDataModule(pl.LightningDataModule):
         index = TraceIndex.scan(self.trace_dir, val_fraction=self.val_fraction, max_seq_len=self.max_seq_len,
                                 vocab_size=self.vocab_size, k_max=self.k_max, verify_sha256=self.verify_sha256)
         check_run_match(index.metadata, self.trace_dir, vocab_size=self.vocab_size, k_max=self.k_max,
-                        tokenizer_hash=self.source.tokenizer_hash if self.source is not None else None)
+                        tokenizer_hash=self.source.tokenizer_hash if self.source is not None else None,
+                        kd_variant=self.loss_other)
         if self.piece_table is None and self.source is not None:
             self.piece_table = self.source.piece_table()  # the student tokenizer's token texts
         n_train, n_val = (int(index.rows[s].sum()) for s in ("train", "val"))

@@ -23,6 +23,7 @@ the traces afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -127,6 +128,12 @@ class TraceCollector:
         """Sampled-trace settings in the content address, only when on (Top-K-only sets keep their ids)."""
         return {"rs": self.rs.as_dict()} if self.rs.n else {}
 
+    def chunk_draws(self, chunk: int) -> SampledTraceConfig:
+        """The draw settings of chunk `chunk`: `rs` with the seed derived from `rs.seed` and the chunk
+        index, so shards never repeat each other's draws, while `rs` (in the content address) still
+        determines them all."""
+        return dataclasses.replace(self.rs, seed=self.rs.seed_of(chunk))
+
     def check_sampled(self, teacher: Teacher) -> None:
         """Refuse sampled traces from a teacher that does not see its whole distribution."""
         if self.rs.n and not teacher.full_distribution:
@@ -215,7 +222,7 @@ class TraceCollector:
             task = bar.add_task(teacher.name, total=total, tokens=0, rate=0.0)
             for chunk, prompts in work:
                 results = teacher.generate([p.prompt for p in prompts], self.sampling,
-                                           **({"sampled": self.rs} if self.rs.n else {}))
+                                           **({"sampled": self.chunk_draws(chunk)} if self.rs.n else {}))
                 rows, failures = [], []
                 for p, r in zip(prompts, results, strict=True):
                     if isinstance(r, TeacherFailure):

@@ -63,6 +63,7 @@ __all__ = [
     "check_same_trace_set",
     "check_column_types",
     "check_run_match",
+    "check_draws_match",
 ]
 
 SCHEMA_VERSION = "1"
@@ -381,7 +382,8 @@ def read_traces(source, *, vocab_size: int | None = None, k_max: int = 128) -> p
     `vocab_size` (when given) bounds every token id; `k_max` bounds the candidates per position.
     A folder with a `manifest.json` is read only if each shard has the sha256 and row count the
     manifest recorded. Row ids must be unique across all files, and the files must agree on the
-    student tokenizer and vocabulary they were made for.
+    student tokenizer and vocabulary they were made for, their schema version and draw settings
+    (`SET_KEYS`).
     Raises `TraceValidationError` naming the file, row and field of the first problem.
     """
     if isinstance(source, (list, tuple)):
@@ -442,8 +444,9 @@ def _read_one(path, entry: dict | None, *, vocab_size: int | None, k_max: int) -
     return table.cast(schema.with_metadata(table.schema.metadata))
 
 
-SET_KEYS = ("student_tokenizer_hash", "vocab_size")
-"""Metadata every file of one trace set shares: ids only mean something under one tokenizer."""
+SET_KEYS = ("student_tokenizer_hash", "vocab_size", "schema_version", "rs")
+"""Metadata every file of one trace set shares: ids only mean something under one tokenizer, and
+one set has sampled columns in every shard or in none, all drawn with the same `rs` settings."""
 
 
 def check_same_trace_set(paths: list, tables: list[pa.Table]) -> None:
@@ -629,7 +632,8 @@ def validate_traces(table: pa.Table, *, name: str = "<table>", vocab_size: int |
 
 def _validate_sampled(table: pa.Table, seq_len, row_off, pos_row, upper, vocab_size, fail) -> None:
     """Schema v2's sampled columns: one list per position, ids in the vocabulary and distinct,
-    counts >= 1, and finite log(q / p) values."""
+    counts >= 1, and finite log(q / p) values; no null row, position or element (a position
+    without draws holds an empty list)."""
     fields = [f.name for f in SAMPLED_FIELDS if f.name in table.column_names]
     per_pos = {}
     for field in fields:
@@ -640,6 +644,10 @@ def _validate_sampled(table: pa.Table, seq_len, row_off, pos_row, upper, vocab_s
         bad = np.flatnonzero(np.diff(off) != seq_len)
         if bad.size:
             fail(int(bad[0]), field, f"has {np.diff(off)[bad[0]]} positions but input_ids has {seq_len[bad[0]]}")
+        p = _first_null(values)  # positions are numbered as input_ids' now that the lengths agree
+        if p is not None:
+            fail(int(pos_row[p]), field, f"position {p - row_off[pos_row[p]]} is null (a position without draws "
+                 "holds an empty list)")
         per_pos[field] = list_offsets(values)
     pos_off, ids = per_pos["rs_ids"]
     sizes = np.diff(pos_off)
@@ -655,6 +663,10 @@ def _validate_sampled(table: pa.Table, seq_len, row_off, pos_row, upper, vocab_s
         p = int(pos[idx])
         fail(int(pos_row[p]), field, f"position {p - row_off[pos_row[p]]}: {problem}")
 
+    for field in fields:
+        idx = _first_null(per_pos[field][1])
+        if idx is not None:
+            fail_at(field, idx, f"element {idx - pos_off[pos[idx]]} is null")
     ids = ids.to_numpy(zero_copy_only=False).astype(np.int64)
     bad = np.flatnonzero((ids < 0) | (ids >= upper))
     if bad.size:
@@ -703,13 +715,54 @@ def manifest_complete(trace_dir: str | os.PathLike, trace_set_id: str, shards: l
     return all(n in names for n in wanted) and not mismatched_shards(trace_dir)
 
 
+def check_draws_match(rs: dict | None, kd_variant: str, where: str) -> None:
+    """Refuse a KD target (`loss.other`) that the traces' sampled draws were not made for.
+
+    `rs` is the collection's `rs` settings (`n`, `hybrid`, ...; None or n = 0: no draws). `rs`
+    needs draws from the teacher's whole distribution and `hybrid` draws from the tail outside
+    the Top-K: tail draws under `rs` fit the student to the tail alone, and whole-distribution
+    draws under `hybrid` count the head twice. `bucket` and `renormalize` read no draws."""
+    if kd_variant not in ("rs", "hybrid"):
+        return
+    hybrid = bool((rs or {}).get("hybrid"))
+    if not (rs or {}).get("n"):
+        raise TraceValidationError(
+            f"{where}: loss.other={kd_variant} needs sampled draws (rs_ids / rs_counts, trace schema v2) and these "
+            "traces have none; collect them from a local teacher with collection.rs.n > 0"
+            f"{' and collection.rs.hybrid=true' if kd_variant == 'hybrid' else ''}, or set loss.other=bucket")
+    if kd_variant == "rs" and hybrid:
+        raise TraceValidationError(
+            f"{where}: the traces' draws come from the tail outside the Top-K only (collection.rs.hybrid=true), "
+            "and loss.other=rs would fit the student to that tail alone; set loss.other=hybrid, or collect them "
+            "with collection.rs.hybrid=false")
+    if kd_variant == "hybrid" and not hybrid:
+        raise TraceValidationError(
+            f"{where}: the traces' draws come from the teacher's whole distribution (collection.rs.hybrid=false), "
+            "and loss.other=hybrid would count the exact Top-K head twice; set loss.other=rs, or collect them "
+            "with collection.rs.hybrid=true")
+
+
 def check_run_match(meta: dict[str, str], where: str, *, vocab_size: int | None = None,
-                    tokenizer_hash: str | None = None, k_max: int | None = None) -> None:
+                    tokenizer_hash: str | None = None, k_max: int | None = None,
+                    kd_variant: str | None = None) -> None:
     """Refuse traces made for another run: their metadata (`table_metadata`) against the run's
-    vocabulary size, student tokenizer hash and largest K. A key the traces lack is not compared
-    (traces made elsewhere); a value the run does not know (None) neither."""
+    vocabulary size, student tokenizer hash, largest K and KD target (`kd_variant`, the run's
+    `loss.other`, against the draws: `check_draws_match`). A key the traces lack is not compared
+    (traces made elsewhere; v1 traces have no draws); a value the run does not know (None) neither."""
     def refuse(what: str, fix: str):
         raise TraceValidationError(f"{where}: {what}; {fix}")
+
+    if kd_variant is not None and ("rs" in meta or meta.get("schema_version") == SCHEMA_VERSION):
+        rs = None
+        if "rs" in meta:
+            try:
+                rs = json.loads(meta["rs"])
+            except json.JSONDecodeError:
+                pass
+            if not isinstance(rs, dict):
+                refuse(f"{META_PREFIX}rs={meta['rs']!r} is not the JSON of the collection.rs settings",
+                       "re-collect the traces")
+        check_draws_match(rs, kd_variant, where)
 
     other_tokenizer = "use traces collected for this run's student tokenizer (re-collect them)"
     if vocab_size is not None and "vocab_size" in meta and meta["vocab_size"] != str(vocab_size):

@@ -14,6 +14,7 @@ slot, never dropped, so collection can count it by reason.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -95,12 +96,19 @@ class SampledTraceConfig:
     beta: float = 1.0
     """Proposal q ∝ p^beta; beta != 1 stores log(q / p) per id (`rs_logq`) as importance weights."""
     seed: int = 0
-    """Seed of the draws (independent of the decoding seed)."""
+    """Seed of the draws (independent of the decoding seed); each chunk of prompts, and each prompt
+    in it, draws from its own seed derived from this one (`seed_of`)."""
     hybrid: bool = False
     """Draw from the tail only (the teacher outside its Top-K, renormalized): exact head + sampled tail."""
 
     def as_dict(self) -> dict:
         return {"n": self.n, "beta": self.beta, "seed": self.seed, "hybrid": self.hybrid}
+
+    def seed_of(self, index: int) -> int:
+        """Seed (63 bits) of the draws of part `index` (a chunk of prompts, or a prompt of a chunk),
+        derived from `seed`: parts draw independently of each other, and the same settings still
+        give the same draws on every machine."""
+        return int.from_bytes(hashlib.sha256(f"{self.seed}/{index}".encode()).digest()[:8], "big") >> 1
 
 
 class TeacherError(RuntimeError):

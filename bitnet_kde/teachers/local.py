@@ -133,7 +133,10 @@ class LocalHFTeacher(Teacher):
                  sampled: SampledTraceConfig | None = None) -> list[TeacherSequence | TeacherFailure]:
         results: list[TeacherSequence | TeacherFailure] = []
         gen = torch.Generator(device=self.device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
-        rs_gen = torch.Generator(device=self.device).manual_seed(sampled.seed) if sampled and sampled.n else None
+        # one generator per prompt, seeded from its index in the call: a prompt's draws depend on its own
+        # distributions only, not on the batch size or on the prompts batched with it
+        rs_gens = [torch.Generator(device=self.device).manual_seed(sampled.seed_of(i)) for i in range(len(prompts))] \
+            if sampled and sampled.n else None
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start:start + self.batch_size]
             chats = [self.chat_ids(p) for p in batch]
@@ -155,8 +158,9 @@ class LocalHFTeacher(Teacher):
             top_lp = torch.stack([lp for lp, _ in tops], dim=1)       # [B, steps, K]
             top_ids = torch.stack([ix for _, ix in tops], dim=1)
             draws = None
-            if rs_gen is not None:
-                draws = [draw_samples(torch.log_softmax(step.float(), dim=-1), sampled, rs_gen,
+            if rs_gens is not None:
+                gens = rs_gens[start:start + len(batch)]
+                draws = [draw_samples(torch.log_softmax(step.float(), dim=-1), sampled, gens,
                                       top_ids[:, j] if sampled.hybrid else None) for j, step in enumerate(out.logits)]
             new = out.sequences[:, ids.shape[1]:].tolist()
             for b, prompt in enumerate(batch):
@@ -177,10 +181,10 @@ class LocalHFTeacher(Teacher):
             torch.cuda.empty_cache()
 
 
-def draw_samples(logp: torch.Tensor, cfg: SampledTraceConfig, gen: torch.Generator,
+def draw_samples(logp: torch.Tensor, cfg: SampledTraceConfig, gens: list[torch.Generator],
                  head_ids: torch.Tensor | None = None) -> list[tuple]:
-    """N draws per row of `logp` ([B, V] teacher log-probabilities at T=1): per row (distinct ids,
-    their counts, log(q / p) per id or None when q = p).
+    """N draws per row of `logp` ([B, V] teacher log-probabilities at T=1), row b from generator
+    `gens[b]`: per row (distinct ids, their counts, log(q / p) per id or None when q = p).
 
     `head_ids` ([B, K]) excludes the Top-K (hybrid): p is then the teacher restricted to the tail
     and renormalized, so each draw stands for P(Other) / N of the mass. The proposal is
@@ -190,7 +194,8 @@ def draw_samples(logp: torch.Tensor, cfg: SampledTraceConfig, gen: torch.Generat
         logp = logp.scatter(-1, head_ids, -torch.inf)
         logp = logp - torch.logsumexp(logp, -1, keepdim=True)
     logq = logp if cfg.beta == 1.0 else torch.log_softmax(cfg.beta * logp, -1)
-    draws = torch.multinomial(logq.exp(), cfg.n, replacement=True, generator=gen)
+    probs = logq.exp()
+    draws = torch.stack([torch.multinomial(probs[b], cfg.n, replacement=True, generator=g) for b, g in enumerate(gens)])
     rows = []
     for b in range(logp.shape[0]):
         uniq, counts = torch.unique(draws[b], return_counts=True)
