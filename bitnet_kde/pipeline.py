@@ -104,7 +104,8 @@ def run_child(cmd: Sequence[str], tail_lines: int = 40) -> tuple[int, str | None
     if proc.returncode == 0:
         return 0, None
     errors = [ln for ln in tail if ln.startswith("error: ")]
-    return proc.returncode, errors[-1][len("error: "):] if errors else "\n".join(tail) or f"exit {proc.returncode}"
+    error = errors[-1][len("error: "):] if errors else "\n".join(tail) or f"exit {proc.returncode}"
+    return proc.returncode, storage.scrub(error)
 
 
 # -- what each stage produced -----------------------------------------------------------------
@@ -198,7 +199,7 @@ class Pipeline:
         self.summary_path = self.p.summary_path
         previous = _read(self.summary_path) or {}
         self.previous: dict = previous.get("stages", {})
-        self.summary = {"status": "running", **run_info(), "overrides": self.overrides,
+        self.summary = {"status": "running", **run_info(), "overrides": [storage.scrub(o) for o in self.overrides],
                         "stages": {s: {"status": "not_run"} for s in self.stages}, "gates": None}
 
     # -- arguments ------------------------------------------------------------------------
@@ -258,7 +259,7 @@ class Pipeline:
 
     def run_stage(self, stage: str) -> dict:
         args = self.args(stage)
-        fp = fingerprint(args)
+        fp = fingerprint([storage.scrub(a) for a in args])  # credentials do not identify the work
         prev = self.reusable(stage, fp)
         if prev is not None:
             log.info("[%s] reused: finished earlier with the same arguments (pipeline.force=[%s] redoes it)",
@@ -267,7 +268,7 @@ class Pipeline:
         resume = self.resume_from(stage, fp)
         extra = [f"hydra.run.dir={self.run_dir(stage)}", *([f"ckpt_path={resume}"] if resume else [])]
         cmd = [sys.executable, str(self.scripts_dir / f"{stage}.py"), *args, *extra]
-        log.info("[%s] %s", stage, " ".join(cmd[1:]))
+        log.info("[%s] %s", stage, storage.scrub(" ".join(cmd[1:])))
         t0 = time.perf_counter()
         code, error = run_child(cmd)
         wall = round(time.perf_counter() - t0, 2)
@@ -280,8 +281,10 @@ class Pipeline:
         return record
 
     def write(self) -> None:
+        """Write the summary with every credential scrubbed: overrides, arguments, errors and
+        artefact locations may carry a URL's `user:password@` or a configured secret."""
         self.summary["updated_at"] = run_info()["created_at"]
-        storage.write_json_atomic(self.summary_path, self.summary)
+        storage.write_json_atomic(self.summary_path, json.loads(storage.scrub(json.dumps(self.summary))))
 
     def run(self) -> dict:
         """Run the chain; the summary is written after every stage. Raises `PipelineError` when a

@@ -83,6 +83,8 @@ stage = Path(sys.argv[0]).stem
 args = dict(a.split("=", 1) for a in sys.argv[1:])
 with open(os.environ["CALLS"], "a") as f:
     f.write(json.dumps([stage, sys.argv[1:]]) + "\\n")
+if os.environ.get("CRASH") == stage:
+    raise RuntimeError("stand-in crash with " + " ".join(sys.argv[1:]))
 if os.environ.get("FAIL") == stage:
     print("error: stand-in failure of " + stage, file=sys.stderr)
     sys.exit(1)
@@ -158,6 +160,25 @@ def test_chain_stops_at_a_failure_then_continues_there_and_reuses_by_fingerprint
     # force redoes a stage whose arguments did not change
     s = chain(tmp_path, "r5", "trainer.max_steps=7", "pipeline.force=[teacher_baseline]").run()
     assert [r["status"] for r in s["stages"].values()] == ["ok", "reused", "reused", "reused", "reused"]
+
+
+def test_credentials_in_overrides_are_neither_stored_nor_logged(tmp_path, monkeypatch, caplog):
+    stand_in_scripts(tmp_path / "scripts")
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("CRASH", "train")
+    secret = "+extra.url=webdav://user:hunter2pw@127.0.0.1:1/x"
+    with caplog.at_level("INFO", logger="bitnet_kde.pipeline"), pytest.raises(PipelineError) as e:
+        chain(tmp_path, "r1", "pipeline.stages=[train]", secret).run()
+    # the child got the credentials it needs; nothing the pipeline writes or says holds them
+    assert secret in calls(tmp_path / "calls.jsonl")[0][1]
+    text = (tmp_path / "reports" / "pipeline_summary.json").read_text()
+    s = json.loads(text)
+    assert "+extra.url=webdav://***@127.0.0.1:1/x" in s["overrides"]
+    assert "+extra.url=webdav://***@127.0.0.1:1/x" in s["stages"]["train"]["args"]
+    assert "RuntimeError: stand-in crash with" in s["stages"]["train"]["error"]
+    assert "webdav://***@127.0.0.1:1/x" in s["stages"]["train"]["error"]
+    assert "webdav://***@" in caplog.text
+    assert "hunter2pw" not in text + caplog.text + str(e.value)
 
 
 def test_a_failed_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
