@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -51,6 +52,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "pipeline": (), "hydra": (), "task_name": (),
 }
 """Top-level key of a pipeline override -> the stages it is passed to; any other key is train's."""
+FINISHED = ("ok", "reused")
+"""The statuses of a stage record whose work is done."""
 GATE_EXIT = 2
 """Exit status of `make pipeline GATE=1` when a quality gate failed (a failed stage exits 1)."""
 
@@ -83,6 +86,11 @@ def merge(*lists: Sequence[str]) -> list[str]:
         by_key.pop(override_key(o), None)
         by_key[override_key(o)] = o
     return list(by_key.values())
+
+
+def now() -> str:
+    """UTC time to the millisecond: when a stage record was made (it tells two runs apart)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def fingerprint(args: Sequence[str]) -> str:
@@ -199,8 +207,11 @@ class Pipeline:
         self.summary_path = self.p.summary_path
         previous = _read(self.summary_path) or {}
         self.previous: dict = previous.get("stages", {})
+        # each stage's latest record: this run's where it reaches the stage, else the previous one's
+        stages = {s: self.previous.get(s) or {"status": "not_run"} for s in STAGES
+                  if s in self.previous or s in self.stages}
         self.summary = {"status": "running", **run_info(), "overrides": [storage.scrub(o) for o in self.overrides],
-                        "stages": {s: {"status": "not_run"} for s in self.stages}, "gates": None}
+                        "stages": stages, "gates": None}
 
     # -- arguments ------------------------------------------------------------------------
     def artefacts(self, stage: str) -> dict:
@@ -228,10 +239,9 @@ class Pipeline:
         if stage in ("teacher_baseline", "dryrun"):
             fixed = [f"report_path={self.p.reports[stage]}"]
         elif stage == "eval":
-            # this run's training, else the one a previous run finished
-            trained = [r.get("artefacts") or {} for r in (self.summary["stages"].get("train"),
-                                                          self.previous.get("train")) if r]
-            ckpt = next((a["checkpoint"] for a in trained if a.get("checkpoint")), None)
+            # the latest training (this run's, else a previous run's), if it finished
+            train = self.summary["stages"].get("train") or {}
+            ckpt = (train.get("artefacts") or {}).get("checkpoint") if train.get("status") in FINISHED else None
             fixed = [f"report_path={self.p.reports.eval}", f"chart_path={self.p.reports.eval_chart}",
                      *([f"ckpt_path={ckpt}"] if ckpt else []),
                      *(f"gates.{k}={v}" for k, v in self.gates.items())]
@@ -243,7 +253,7 @@ class Pipeline:
         prev = self.previous.get(stage) or {}
         if stage in self.p.force or "all" in self.p.force:
             return None
-        if prev.get("status") not in ("ok", "reused") or prev.get("fingerprint") != fp:
+        if prev.get("status") not in FINISHED or prev.get("fingerprint") != fp:
             return None
         art = prev.get("artefacts") or {}
         return prev if all(art.get(k) and storage.exists(art[k]) for k in REQUIRED[stage]) else None
@@ -257,9 +267,25 @@ class Pipeline:
             return ckpt
         return None
 
+    def blocked(self, stage: str, args: Sequence[str]) -> str | None:
+        """Why `stage` must not run now, or None. Eval without a checkpoint of its own would take
+        the newest `last.ckpt`: that of a training that did not finish, when the latest did not."""
+        train = self.summary["stages"].get("train") or {}
+        if stage != "eval" or train.get("status") in (*FINISHED, "not_run", None) \
+                or any(override_key(a) == "ckpt_path" for a in args):
+            return None
+        return (f"the latest training did not finish (status {train['status']}), so there is no checkpoint to "
+                "evaluate: run train again (pipeline.stages=[train,eval]) or give one with "
+                "pipeline.overrides.eval=['ckpt_path=...']")
+
     def run_stage(self, stage: str) -> dict:
         args = self.args(stage)
         fp = fingerprint([storage.scrub(a) for a in args])  # credentials do not identify the work
+        why = self.blocked(stage, args)
+        if why:
+            return {"status": "failed", "wall_s": 0.0, "exit_code": None, "error": why, "fingerprint": fp,
+                    "args": args, "artefacts": self.artefacts(stage), "resumed_from": None,
+                    "finished_at": now()}
         prev = self.reusable(stage, fp)
         if prev is not None:
             log.info("[%s] reused: finished earlier with the same arguments (pipeline.force=[%s] redoes it)",
@@ -274,7 +300,7 @@ class Pipeline:
         wall = round(time.perf_counter() - t0, 2)
         art = self.artefacts(stage)
         record = {"status": "ok" if code == 0 else "failed", "wall_s": wall, "exit_code": code, "error": error,
-                  "fingerprint": fp, "args": args, "artefacts": art, "resumed_from": resume}
+                  "fingerprint": fp, "args": args, "artefacts": art, "resumed_from": resume, "finished_at": now()}
         if code == 0:
             record["figures"] = FIGURES[stage](art)
         log.info("[%s] %s in %.1f s%s", stage, record["status"], wall, f": {error}" if error else "")
@@ -292,7 +318,7 @@ class Pipeline:
         for stage in self.stages:
             record = self.run_stage(stage)
             self.summary["stages"][stage] = record
-            if stage == "eval" and record["status"] in ("ok", "reused"):
+            if stage == "eval" and record["status"] in FINISHED:
                 self.summary["gates"] = (_read(record["artefacts"]["report"]) or {}).get("gates")
             if record["status"] == "failed":
                 self.summary["status"] = "failed"

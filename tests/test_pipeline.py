@@ -102,6 +102,9 @@ elif stage == "train":
 else:
     Path(args["report_path"]).parent.mkdir(parents=True, exist_ok=True)
     Path(args["report_path"]).write_text(json.dumps({"summary": {"tokens_per_second": 2.0}}))
+if os.environ.get("FAIL_LATE") == stage:  # killed after writing its outputs
+    print("error: stand-in failure of " + stage + " at the end", file=sys.stderr)
+    sys.exit(1)
 '''
 
 
@@ -179,6 +182,45 @@ def test_credentials_in_overrides_are_neither_stored_nor_logged(tmp_path, monkey
     assert "webdav://***@127.0.0.1:1/x" in s["stages"]["train"]["error"]
     assert "webdav://***@" in caplog.text
     assert "hunter2pw" not in text + caplog.text + str(e.value)
+
+
+def test_a_run_keeps_the_records_of_stages_it_did_not_run(tmp_path, monkeypatch):
+    stand_in_scripts(tmp_path / "scripts")
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("CALLS", str(log))
+    chain(tmp_path, "r1").run()
+    s = chain(tmp_path, "r2", "pipeline.stages=[dryrun]").run()
+    assert list(s["stages"]) == ["teacher_baseline", "collect", "train", "eval", "dryrun"]
+    assert [r["status"] for r in s["stages"].values()] == ["ok", "ok", "ok", "ok", "reused"]
+    s = chain(tmp_path, "r3").run()
+    assert {r["status"] for r in s["stages"].values()} == {"reused"} and len(calls(log)) == 5
+    # a training that fails alone does not make the next full run redo the stages before it
+    monkeypatch.setenv("FAIL", "train")
+    with pytest.raises(PipelineError):
+        chain(tmp_path, "r4", "trainer.max_steps=7", "pipeline.stages=[train]").run()
+    monkeypatch.delenv("FAIL")
+    s = chain(tmp_path, "r5", "trainer.max_steps=7").run()
+    assert [r["status"] for r in s["stages"].values()] == ["reused", "reused", "ok", "ok", "reused"]
+    assert [c[0] for c in calls(log)[5:]] == ["train", "train", "eval"]
+
+
+def test_eval_never_takes_the_checkpoint_of_a_training_that_did_not_finish(tmp_path, monkeypatch):
+    stand_in_scripts(tmp_path / "scripts")
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("CALLS", str(log))
+    chain(tmp_path, "r1", "pipeline.stages=[train,eval]").run()
+    monkeypatch.setenv("FAIL_LATE", "train")  # its last.ckpt exists, but the training failed
+    with pytest.raises(PipelineError):
+        chain(tmp_path, "r2", "trainer.max_steps=7", "pipeline.stages=[train]").run()
+    monkeypatch.delenv("FAIL_LATE")
+    with pytest.raises(PipelineError, match="the latest training did not finish.*ckpt_path="):
+        chain(tmp_path, "r3", "pipeline.stages=[eval]").run()
+    s = json.loads((tmp_path / "reports" / "pipeline_summary.json").read_text())
+    assert s["failed_stage"] == "eval" and s["stages"]["eval"]["exit_code"] is None
+    assert [c[0] for c in calls(log)] == ["train", "eval", "train"]  # eval was not started
+    # a checkpoint given to eval is evaluated
+    s = chain(tmp_path, "r4", "pipeline.stages=[eval]", "pipeline.overrides.eval=['ckpt_path=/my.ckpt']").run()
+    assert s["stages"]["eval"]["status"] == "ok" and "ckpt_path=/my.ckpt" in calls(log)[-1][1]
 
 
 def test_a_failed_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
