@@ -200,6 +200,11 @@ class Pipeline:
         if unknown:
             raise PipelineError(f"pipeline.stages / pipeline.force: unknown stage(s) {unknown}; the stages are "
                                 f"{list(STAGES)}")
+        own = [o for o in [*self.p.overrides.shared, *self.overrides, *self.p.overrides.train]
+               if override_key(o) == "paths.checkpoint_dir"]
+        if own:
+            raise PipelineError(f"{storage.scrub(own[0])}: the pipeline gives train its checkpoint folder itself (eval and "
+                                "a resumed training read it from there); set pipeline.checkpoint_dir=<folder> instead")
         self.gates = gate_settings(self.p.gates)
         if self.p.gate and not self.gates:
             raise PipelineError("pipeline.gate=true (GATE=1) but no gate is set: set pipeline.gates.<name>, e.g. "
@@ -247,6 +252,16 @@ class Pipeline:
                      *(f"gates.{k}={v}" for k, v in self.gates.items())]
         return merge(list(self.p.overrides[stage]), own, fixed)
 
+    def identity(self, stage: str, args: Sequence[str]) -> str:
+        """The fingerprint of `stage`'s work: its arguments with credentials scrubbed (they do not
+        identify the work); for eval also the training it evaluates, so a training run again
+        (`pipeline.force=[train]`) is evaluated again even when its checkpoint path is the same."""
+        parts = [storage.scrub(a) for a in args]
+        train = self.summary["stages"].get("train") or {}
+        if stage == "eval" and train.get("status") in FINISHED:
+            parts.append(f"train={train.get('fingerprint')}@{train.get('finished_at')}")
+        return fingerprint(parts)
+
     # -- running ------------------------------------------------------------------------
     def reusable(self, stage: str, fp: str) -> dict | None:
         """The previous record of `stage` if its work is done and may be reused."""
@@ -280,7 +295,7 @@ class Pipeline:
 
     def run_stage(self, stage: str) -> dict:
         args = self.args(stage)
-        fp = fingerprint([storage.scrub(a) for a in args])  # credentials do not identify the work
+        fp = self.identity(stage, args)
         why = self.blocked(stage, args)
         if why:
             return {"status": "failed", "wall_s": 0.0, "exit_code": None, "error": why, "fingerprint": fp,
@@ -292,7 +307,10 @@ class Pipeline:
                      stage, stage)
             return {**prev, "status": "reused"}
         resume = self.resume_from(stage, fp)
-        extra = [f"hydra.run.dir={self.run_dir(stage)}", *([f"ckpt_path={resume}"] if resume else [])]
+        # where this run's stage works, not what it does: not fingerprinted
+        extra = [f"hydra.run.dir={self.run_dir(stage)}",
+                 *([f"paths.checkpoint_dir={self.p.checkpoint_dir}"] if stage == "train" else []),
+                 *([f"ckpt_path={resume}"] if resume else [])]
         cmd = [sys.executable, str(self.scripts_dir / f"{stage}.py"), *args, *extra]
         log.info("[%s] %s", stage, storage.scrub(" ".join(cmd[1:])))
         t0 = time.perf_counter()

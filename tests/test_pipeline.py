@@ -89,16 +89,17 @@ if os.environ.get("FAIL") == stage:
     print("error: stand-in failure of " + stage, file=sys.stderr)
     sys.exit(1)
 run = Path(args["hydra.run.dir"])
-run.mkdir(parents=True)
+run.mkdir(parents=True, exist_ok=True)
 root = Path(args["paths.root"])
 if stage == "collect":
     (root / "data").mkdir(exist_ok=True)
     (root / "data" / "manifest.json").write_text(json.dumps({"trace_set": "abc", "rows": 5, "shards": []}))
 elif stage == "train":
-    (run / "checkpoints").mkdir()
-    (run / "checkpoints" / "last.ckpt").write_text("weights")
+    ckpt = Path(args["paths.checkpoint_dir"])
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "last.ckpt").write_text("weights")
     flip = {"flipped": True, "step": 9}
-    (run / "checkpoints" / "last_health.json").write_text(json.dumps({"step": 10, "val_loss": 1.5, "flip": flip}))
+    (ckpt / "last_health.json").write_text(json.dumps({"step": 10, "val_loss": 1.5, "flip": flip}))
 else:
     Path(args["report_path"]).parent.mkdir(parents=True, exist_ok=True)
     Path(args["report_path"]).write_text(json.dumps({"summary": {"tokens_per_second": 2.0}}))
@@ -119,8 +120,9 @@ def chain(tmp_path, run: str, *overrides: str) -> Pipeline:
     args = [f"paths.root={tmp_path}", "model=tiny", *overrides]
     run_dir = tmp_path / "logs" / run
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("pipeline", overrides=[*args, f"pipeline.stage_dir={run_dir}",
-                                             f"pipeline.checkpoint_dir={run_dir}/train/checkpoints"])
+        own = [] if any(o.startswith("pipeline.checkpoint_dir=") for o in args) else \
+            [f"pipeline.checkpoint_dir={run_dir}/train/checkpoints"]
+        cfg = compose("pipeline", overrides=[*args, f"pipeline.stage_dir={run_dir}", *own])
     return Pipeline(cfg, args, scripts_dir=tmp_path / "scripts")
 
 
@@ -221,6 +223,28 @@ def test_eval_never_takes_the_checkpoint_of_a_training_that_did_not_finish(tmp_p
     # a checkpoint given to eval is evaluated
     s = chain(tmp_path, "r4", "pipeline.stages=[eval]", "pipeline.overrides.eval=['ckpt_path=/my.ckpt']").run()
     assert s["stages"]["eval"]["status"] == "ok" and "ckpt_path=/my.ckpt" in calls(log)[-1][1]
+
+
+def test_train_writes_where_the_pipeline_looks_and_a_retraining_is_evaluated_again(tmp_path, monkeypatch):
+    stand_in_scripts(tmp_path / "scripts")
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("CALLS", str(log))
+    folder = tmp_path / "ckpts"
+    s = chain(tmp_path, "r1", "pipeline.stages=[train,eval]", f"pipeline.checkpoint_dir={folder}").run()
+    train = s["stages"]["train"]
+    assert train["artefacts"]["checkpoint"] == str(folder / "last.ckpt") and (folder / "last.ckpt").is_file()
+    assert train["figures"]["step"] == 10 and f"paths.checkpoint_dir={folder}" in calls(log)[0][1]
+    assert f"ckpt_path={folder / 'last.ckpt'}" in calls(log)[1][1]
+    # the folder is where the run works, not what it does: a second run reuses both stages
+    s = chain(tmp_path, "r2", "pipeline.stages=[train,eval]", f"pipeline.checkpoint_dir={folder}").run()
+    assert [r["status"] for r in s["stages"].values()] == ["reused", "reused"] and len(calls(log)) == 2
+    # a training forced again writes the same checkpoint path; its evaluation is not stale
+    s = chain(tmp_path, "r3", "pipeline.stages=[train,eval]", f"pipeline.checkpoint_dir={folder}",
+              "pipeline.force=[train]").run()
+    assert [r["status"] for r in s["stages"].values()] == ["ok", "ok"]
+    assert [c[0] for c in calls(log)[2:]] == ["train", "eval"]
+    with pytest.raises(PipelineError, match=r"paths.checkpoint_dir=/x: .* set pipeline.checkpoint_dir=<folder>"):
+        chain(tmp_path, "r4", "paths.checkpoint_dir=/x")
 
 
 def test_a_failed_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
