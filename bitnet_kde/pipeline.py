@@ -209,6 +209,9 @@ class Pipeline:
         if self.p.gate and not self.gates:
             raise PipelineError("pipeline.gate=true (GATE=1) but no gate is set: set pipeline.gates.<name>, e.g. "
                                 "pipeline.gates.top1_agreement=0.3 (docs/PIPELINE.md)")
+        if self.p.gate and "eval" not in self.stages:
+            raise PipelineError(f"pipeline.gate=true (GATE=1) but pipeline.stages={self.stages} has no eval, the stage "
+                                "that checks the gates: add eval (it is reused when its work is done) or drop GATE")
         self.summary_path = self.p.summary_path
         previous = _read(self.summary_path) or {}
         self.previous: dict = previous.get("stages", {})

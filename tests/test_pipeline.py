@@ -34,6 +34,11 @@ def test_unmeasured_metric_fails_its_gate_and_no_gate_is_not_a_pass():
     assert r["passed"] is False and "json_validity was not measured" in r["checks"][0]["note"]
     assert check_gates(OVERALL, {"top1_agreement": None}) == {"passed": None, "checks": []}
     assert describe({"passed": None, "checks": []}) == "gates not set"
+    # a teacher that never writes valid JSON makes the relative threshold 0: not a pass either
+    r = check_gates({**OVERALL, "teacher_json_validity": 0.0}, {"json_validity": 0.5})
+    assert r["passed"] is False and r["checks"][0]["threshold"] is None
+    assert "teacher's own teacher_json_validity is 0" in r["checks"][0]["note"]
+    assert describe(r) == "gates failed: json_validity 0.25 >= n/a FAILED"
 
 
 @pytest.mark.parametrize("gates, match", [({"top1": 0.3}, "gates.top1: unknown gate"),
@@ -266,6 +271,8 @@ def test_a_failed_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatc
 def test_gate_without_a_threshold_and_unknown_stages_are_refused(tmp_path):
     with pytest.raises(PipelineError, match="no gate is set"):
         chain(tmp_path, "r", "pipeline.gate=true")
+    with pytest.raises(PipelineError, match=r"pipeline.gate=true .* has no eval"):
+        chain(tmp_path, "r", "pipeline.gate=true", "pipeline.gates.top1_agreement=0.3", "pipeline.stages=[dryrun]")
     with pytest.raises(PipelineError, match=r"unknown stage\(s\) \['trian'\]"):
         chain(tmp_path, "r", "pipeline.force=[trian]")
 
