@@ -196,10 +196,11 @@ class Pipeline:
         self.overrides = list(overrides)
         self.scripts_dir = Path(scripts_dir)
         self.stages = list(self.p.stages)
-        unknown = [s for s in [*self.stages, *self.p.force] if s not in (*STAGES, "all")]
-        if unknown:
-            raise PipelineError(f"pipeline.stages / pipeline.force: unknown stage(s) {unknown}; the stages are "
-                                f"{list(STAGES)}")
+        for key, names, known in (("stages", self.stages, STAGES), ("force", self.p.force, (*STAGES, "all"))):
+            unknown = [s for s in names if s not in known]
+            if unknown:
+                raise PipelineError(f"pipeline.{key}: unknown stage(s) {unknown}; the stages are {list(STAGES)}"
+                                    + ("" if key == "force" else " (all five by default; [all] is for pipeline.force)"))
         own = [o for o in [*self.p.overrides.shared, *self.overrides, *self.p.overrides.train]
                if override_key(o) == "paths.checkpoint_dir"]
         if own:

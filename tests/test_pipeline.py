@@ -273,8 +273,10 @@ def test_gate_without_a_threshold_and_unknown_stages_are_refused(tmp_path):
         chain(tmp_path, "r", "pipeline.gate=true")
     with pytest.raises(PipelineError, match=r"pipeline.gate=true .* has no eval"):
         chain(tmp_path, "r", "pipeline.gate=true", "pipeline.gates.top1_agreement=0.3", "pipeline.stages=[dryrun]")
-    with pytest.raises(PipelineError, match=r"unknown stage\(s\) \['trian'\]"):
+    with pytest.raises(PipelineError, match=r"pipeline.force: unknown stage\(s\) \['trian'\]"):
         chain(tmp_path, "r", "pipeline.force=[trian]")
+    with pytest.raises(PipelineError, match=r"pipeline.stages: unknown stage\(s\) \['all'\].*is for pipeline.force"):
+        chain(tmp_path, "r", "pipeline.stages=[all]")
 
 
 def test_smoke_preset_replaces_train_experiment():
