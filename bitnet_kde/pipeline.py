@@ -7,7 +7,8 @@ stage's own outputs, artefact locations.
 
 - **Child processes, not calls.** Every stage is a Hydra application with its own run folder,
   log file and global state (Hydra's singleton, logging set-up, torch threads and allocator,
-  RNG seeds); a child gets exactly what `make <stage>` gets, its peak memory is its own (the
+  RNG seeds); a child gets exactly what `make <stage>` gets (train alone: the allocator
+  variables of `configs/train_malloc.env`), its peak memory is its own (the
   dry-run's figure is not the training's), and whatever ends it (a user error's one `error:`
   line and exit status 1, a traceback, a kill) is caught as its exit status and stderr.
 - **One set of overrides.** The pipeline's own command-line overrides go to the stages whose
@@ -26,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bitnet_kde import storage
+from bitnet_kde.env import CONFIG_DIR
 from bitnet_kde.eval.gates import describe, gate_settings
 from bitnet_kde.kd.traces import arrow_path
 from bitnet_kde.runinfo import run_info
@@ -98,12 +101,23 @@ def fingerprint(args: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(args)).encode()).hexdigest()[:16]
 
 
+TRAIN_ENV_FILE = CONFIG_DIR / "train_malloc.env"
+"""The allocator variables the training process runs with, `make train`'s as well (Makefile)."""
+
+
+def train_env() -> dict[str, str]:
+    """The `VARIABLE=value` lines of `TRAIN_ENV_FILE` (the lines the Makefile takes)."""
+    lines = TRAIN_ENV_FILE.read_text().splitlines()
+    return dict(ln.strip().split("=", 1) for ln in lines if re.match(r"[A-Za-z_]+=", ln))
+
+
 # -- running one stage ------------------------------------------------------------------------
-def run_child(cmd: Sequence[str], tail_lines: int = 40) -> tuple[int, str | None]:
-    """Run `cmd` with stdout passed through (live progress bars stay live) and stderr echoed line
-    by line; returns (exit status, error) where error is the child's last `error:` line, else
-    the tail of its stderr when it failed, else None."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_child(cmd: Sequence[str], tail_lines: int = 40, env: Mapping[str, str] | None = None) -> tuple[int, str | None]:
+    """Run `cmd` (with the variables `env` added to this process's) with stdout passed through
+    (live progress bars stay live) and stderr echoed line by line; returns (exit status, error)
+    where error is the child's last `error:` line, else the tail of its stderr when it failed,
+    else None."""
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     tail: list[str] = []
     with subprocess.Popen(list(cmd), stderr=subprocess.PIPE, text=True, errors="replace", env=env) as proc:
         for line in proc.stderr:
@@ -318,7 +332,7 @@ class Pipeline:
         cmd = [sys.executable, str(self.scripts_dir / f"{stage}.py"), *args, *extra]
         log.info("[%s] %s", stage, storage.scrub(" ".join(cmd[1:])))
         t0 = time.perf_counter()
-        code, error = run_child(cmd)
+        code, error = run_child(cmd, env=train_env() if stage == "train" else None)
         wall = round(time.perf_counter() - t0, 2)
         art = self.artefacts(stage)
         record = {"status": "ok" if code == 0 else "failed", "wall_s": wall, "exit_code": code, "error": error,

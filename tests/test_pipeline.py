@@ -86,8 +86,9 @@ import json, os, sys
 from pathlib import Path
 stage = Path(sys.argv[0]).stem
 args = dict(a.split("=", 1) for a in sys.argv[1:])
+malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
 with open(os.environ["CALLS"], "a") as f:
-    f.write(json.dumps([stage, sys.argv[1:]]) + "\\n")
+    f.write(json.dumps([stage, sys.argv[1:], malloc]) + "\\n")
 if os.environ.get("CRASH") == stage:
     raise RuntimeError("stand-in crash with " + " ".join(sys.argv[1:]))
 if os.environ.get("FAIL") == stage:
@@ -137,6 +138,8 @@ def calls(path: Path) -> list:
 
 def test_chain_stops_at_a_failure_then_continues_there_and_reuses_by_fingerprint(tmp_path, monkeypatch):
     stand_in_scripts(tmp_path / "scripts")
+    for var in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(var, raising=False)
     log = tmp_path / "calls.jsonl"
     monkeypatch.setenv("CALLS", str(log))
     monkeypatch.setenv("FAIL", "train")
@@ -151,6 +154,9 @@ def test_chain_stops_at_a_failure_then_continues_there_and_reuses_by_fingerprint
     assert [c[0] for c in first] == ["teacher_baseline", "collect", "train"]
     # routing: model=tiny reaches train only; paths.root reaches every stage
     assert "model=tiny" in first[2][1] and "model=tiny" not in first[0][1] + first[1][1]
+    # train alone runs with its allocator settings (as under make train)
+    assert first[2][2] == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+    assert first[0][2] == first[1][2] == {}
 
     monkeypatch.delenv("FAIL")
     s = chain(tmp_path, "r2").run()
