@@ -17,8 +17,9 @@ stage's own outputs, artefact locations.
   config to train. Stage-only settings go in `pipeline.overrides.<stage>` lists.
 - **Skipping finished work.** A stage whose arguments hash to the fingerprint of its last
   successful run, and whose artefacts still exist, is `reused` instead of run again
-  (`pipeline.force` redoes it). Traces are content-addressed besides; a failed training
-  resumes from its last checkpoint. A failed stage stops the chain; the rerun continues there.
+  (`pipeline.force` redoes it). Traces are content-addressed besides; a failed or interrupted
+  training resumes from its last checkpoint. A failed stage stops the chain; the rerun continues
+  there. The summary keeps each stage's latest record, from whichever run made it.
 """
 
 from __future__ import annotations
@@ -218,8 +219,9 @@ class Pipeline:
         own = [o for o in [*self.p.overrides.shared, *self.overrides, *self.p.overrides.train]
                if override_key(o) == "paths.checkpoint_dir"]
         if own:
-            raise PipelineError(f"{storage.scrub(own[0])}: the pipeline gives train its checkpoint folder itself (eval and "
-                                "a resumed training read it from there); set pipeline.checkpoint_dir=<folder> instead")
+            raise PipelineError(f"{storage.scrub(own[0])}: the pipeline gives train its checkpoint folder itself "
+                                "(eval and a resumed training read it from there); set "
+                                "pipeline.checkpoint_dir=<folder> instead")
         self.gates = gate_settings(self.p.gates)
         if self.p.gate and not self.gates:
             raise PipelineError("pipeline.gate=true (GATE=1) but no gate is set: set pipeline.gates.<name>, e.g. "
@@ -292,10 +294,11 @@ class Pipeline:
         return prev if all(art.get(k) and storage.exists(art[k]) for k in REQUIRED[stage]) else None
 
     def resume_from(self, stage: str, fp: str) -> str | None:
-        """A failed training's last checkpoint with the same arguments: the rerun continues it."""
+        """The last checkpoint of a training with the same arguments that failed or was interrupted
+        (its record still says `running`): the rerun continues it."""
         prev = self.previous.get(stage) or {}
         ckpt = (prev.get("artefacts") or {}).get("checkpoint")
-        if stage == "train" and prev.get("status") == "failed" and prev.get("fingerprint") == fp and ckpt \
+        if stage == "train" and prev.get("status") in ("failed", "running") and prev.get("fingerprint") == fp and ckpt \
                 and storage.exists(ckpt) and not (stage in self.p.force or "all" in self.p.force):
             return ckpt
         return None
@@ -331,10 +334,15 @@ class Pipeline:
                  *([f"ckpt_path={resume}"] if resume else [])]
         cmd = [sys.executable, str(self.scripts_dir / f"{stage}.py"), *args, *extra]
         log.info("[%s] %s", stage, storage.scrub(" ".join(cmd[1:])))
+        art = self.artefacts(stage)
+        # recorded before it starts: a run interrupted now (Ctrl-C, a kill) leaves `running`,
+        # which the next run treats like `failed` (a training resumes from its checkpoint)
+        self.summary["stages"][stage] = {"status": "running", "started_at": now(), "fingerprint": fp, "args": args,
+                                         "artefacts": art, "resumed_from": resume}
+        self.write()
         t0 = time.perf_counter()
         code, error = run_child(cmd, env=train_env() if stage == "train" else None)
         wall = round(time.perf_counter() - t0, 2)
-        art = self.artefacts(stage)
         record = {"status": "ok" if code == 0 else "failed", "wall_s": wall, "exit_code": code, "error": error,
                   "fingerprint": fp, "args": args, "artefacts": art, "resumed_from": resume, "finished_at": now()}
         if code == 0:

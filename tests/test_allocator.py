@@ -39,8 +39,9 @@ def train_malloc_env() -> dict[str, str]:
     assert recipe and recipe.group(1).startswith("$(TRAIN_MALLOC_ENV) "), "make train runs under TRAIN_MALLOC_ENV"
     pipeline = re.search(r"^pipeline:.*\n\t(.+)$", text, re.M)
     assert pipeline and "TRAIN_MALLOC_ENV" not in pipeline.group(1), "the pipeline sets it for its train stage only"
-    shown = subprocess.run(["make", "-s", "--no-print-directory", "--eval", "show:\n\t@echo $(TRAIN_MALLOC_ENV)", "show"],
-                           cwd=MAKEFILE.parent, capture_output=True, text=True, check=True).stdout
+    show = "show:\n\t@echo $(TRAIN_MALLOC_ENV)"
+    shown = subprocess.run(["make", "-s", "--no-print-directory", "--eval", show, "show"], cwd=MAKEFILE.parent,
+                           capture_output=True, text=True, check=True).stdout
     env = dict(item.split("=", 1) for item in shown.split())
     assert env == train_env()
     return env

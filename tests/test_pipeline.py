@@ -274,6 +274,31 @@ def test_a_failed_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatc
     assert f"ckpt_path={s['stages']['train']['resumed_from']}" in calls(log)[-1][1]
 
 
+def test_an_interrupted_training_is_recorded_running_and_resumed(tmp_path, monkeypatch):
+    import bitnet_kde.pipeline as pipeline
+
+    stand_in_scripts(tmp_path / "scripts")
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("CALLS", str(log))
+    real = pipeline.run_child
+
+    def interrupted(cmd, **kwargs):  # Ctrl-C after the child wrote its checkpoint
+        real(cmd, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_child", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        chain(tmp_path, "r1", "pipeline.stages=[train,eval]").run()
+    s = json.loads((tmp_path / "reports" / "pipeline_summary.json").read_text())
+    assert s["status"] == "running" and s["stages"]["train"]["status"] == "running"
+    assert s["stages"]["eval"]["status"] == "not_run"
+    monkeypatch.setattr(pipeline, "run_child", real)
+    s = chain(tmp_path, "r2", "pipeline.stages=[train,eval]").run()
+    ckpt = str(tmp_path / "logs" / "r1" / "train" / "checkpoints" / "last.ckpt")
+    assert s["stages"]["train"]["status"] == "ok" and s["stages"]["train"]["resumed_from"] == ckpt
+    assert [c[0] for c in calls(log)] == ["train", "train", "eval"] and f"ckpt_path={ckpt}" in calls(log)[1][1]
+
+
 def test_gate_without_a_threshold_and_unknown_stages_are_refused(tmp_path):
     with pytest.raises(PipelineError, match="no gate is set"):
         chain(tmp_path, "r", "pipeline.gate=true")
