@@ -92,6 +92,17 @@ def merge(*lists: Sequence[str]) -> list[str]:
     return list(by_key.values())
 
 
+def scrubbed(value):
+    """`value` (JSON-like) with `storage.scrub` applied to every string in it."""
+    if isinstance(value, str):
+        return storage.scrub(value)
+    if isinstance(value, Mapping):
+        return {k: scrubbed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrubbed(v) for v in value]
+    return value
+
+
 def now() -> str:
     """UTC time to the millisecond: when a stage record was made (it tells two runs apart)."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -354,7 +365,7 @@ class Pipeline:
         """Write the summary with every credential scrubbed: overrides, arguments, errors and
         artefact locations may carry a URL's `user:password@` or a configured secret."""
         self.summary["updated_at"] = run_info()["created_at"]
-        storage.write_json_atomic(self.summary_path, json.loads(storage.scrub(json.dumps(self.summary))))
+        storage.write_json_atomic(self.summary_path, scrubbed(self.summary))
 
     def run(self) -> dict:
         """Run the chain; the summary is written after every stage. Raises `PipelineError` when a

@@ -182,9 +182,10 @@ def test_credentials_in_overrides_are_neither_stored_nor_logged(tmp_path, monkey
     stand_in_scripts(tmp_path / "scripts")
     monkeypatch.setenv("CALLS", str(tmp_path / "calls.jsonl"))
     monkeypatch.setenv("CRASH", "train")
+    monkeypatch.setenv("WEBDAV_PASSWORD", "pässwört-42")  # a configured secret, here also in an argument
     secret = "+extra.url=webdav://user:hunter2pw@127.0.0.1:1/x"
     with caplog.at_level("INFO", logger="bitnet_kde.pipeline"), pytest.raises(PipelineError) as e:
-        chain(tmp_path, "r1", "pipeline.stages=[train]", secret).run()
+        chain(tmp_path, "r1", "pipeline.stages=[train]", secret, "+extra.note='pässwört-42'").run()
     # the child got the credentials it needs; nothing the pipeline writes or says holds them
     assert secret in calls(tmp_path / "calls.jsonl")[0][1]
     text = (tmp_path / "reports" / "pipeline_summary.json").read_text()
@@ -194,7 +195,9 @@ def test_credentials_in_overrides_are_neither_stored_nor_logged(tmp_path, monkey
     assert "RuntimeError: stand-in crash with" in s["stages"]["train"]["error"]
     assert "webdav://***@127.0.0.1:1/x" in s["stages"]["train"]["error"]
     assert "webdav://***@" in caplog.text
-    assert "hunter2pw" not in text + caplog.text + str(e.value)
+    assert "+extra.note='***'" in s["stages"]["train"]["args"]
+    for word in ("hunter2pw", "pässwört-42"):
+        assert word not in json.dumps(s, ensure_ascii=False) + caplog.text + str(e.value)
 
 
 def test_a_run_keeps_the_records_of_stages_it_did_not_run(tmp_path, monkeypatch):
