@@ -32,8 +32,8 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow.compute as pc
