@@ -1,5 +1,6 @@
 """Quality gates against hand-computed thresholds; the pipeline: routing of overrides, and the chain
-with stand-in stage scripts (order, failure, reuse by fingerprint, force, resume)."""
+with stand-in stage scripts (order, failure, reuse by fingerprint, force, resume, records kept across
+runs, credentials scrubbed, train's checkpoint folder and allocator settings)."""
 
 from __future__ import annotations
 
