@@ -51,7 +51,8 @@ test-all: install ## run every test
 # the heap top, so each training step page-faults its logits, gradients and loss buffers in again
 # (sys time, minor faults). Serving every block from the heap and never trimming it keeps freed
 # memory for the next step; tests/test_allocator.py checks the effect, docs/BENCHMARKS.md the cost.
-TRAIN_MALLOC_ENV := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
+# The values are in configs/train_malloc.env, which the pipeline's train stage reads as well.
+TRAIN_MALLOC_ENV := $(shell grep -E '^[A-Za-z_]+=' configs/train_malloc.env)
 
 train: install ensure_dirs ## train the student (ARGS="model=tiny trainer.max_steps=50" for Hydra overrides)
 	$(TRAIN_MALLOC_ENV) $(PY) train.py $(ARGS)
@@ -69,7 +70,7 @@ dryrun: install ensure_dirs ## 7B student: exact size, memory plan, packed forwa
 	$(PY) dryrun.py $(ARGS)
 
 pipeline: install ## teacher -> collect -> train -> eval -> dryrun, finished stages reused -> reports/pipeline_summary.json (GATE=1)
-	$(TRAIN_MALLOC_ENV) $(PY) pipeline.py $(ARGS) $(if $(filter 1 true yes,$(GATE)),pipeline.gate=true)
+	$(PY) pipeline.py $(ARGS) $(if $(filter 1 true yes,$(GATE)),pipeline.gate=true)
 
 bench: install ## benchmark training throughput: quantized vs dense student (see docs/BENCHMARKS.md)
 	$(PY) scripts/bench_train.py $(ARGS)

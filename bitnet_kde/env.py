@@ -131,9 +131,10 @@ def check(argv: list[str]) -> int:
         more, bad = part(cfg)
         lines += more
         problems += bad
-    print("\n".join(lines))
+    # the root or a teacher URL may carry credentials (user:password@host): the report shows neither
+    print(storage.scrub("\n".join(lines)))
     if problems:
-        print("\nproblems:\n" + "\n".join(f"  - {p}" for p in problems))
+        print(storage.scrub("\nproblems:\n" + "\n".join(f"  - {p}" for p in problems)))
         return 1
     return 0
 
@@ -153,9 +154,10 @@ def ensure_dirs(argv: list[str]) -> int:
         os.makedirs(cfg.paths.log_dir, exist_ok=True)
         storage.setup(cfg)  # the store answers with the layout in place
     except storage.StorageError as e:
-        print(f"error: {e}")
+        print(f"error: {storage.scrub(str(e))}")
         return 1
-    print(f"ensure_dirs: {cfg.paths.data_dir}, {cfg.paths.report_dir} on the store; logs in {cfg.paths.log_dir}")
+    print(storage.scrub(f"ensure_dirs: {cfg.paths.data_dir}, {cfg.paths.report_dir} on the store; "
+                        f"logs in {cfg.paths.log_dir}"))
     return 0
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bitnet_kde.pipeline import train_env
+
 MAKEFILE = Path(__file__).resolve().parents[1] / "Makefile"
 
 # Plain Python (no torch: a quick interpreter start): bytes * n is one malloc plus a write of every
@@ -30,12 +32,19 @@ print(sum(faults[5:]))
 
 
 def train_malloc_env() -> dict[str, str]:
+    """TRAIN_MALLOC_ENV as make expands it: what `make train` runs with and, read from the same
+    file, what the pipeline gives its train stage; the pipeline process itself runs without."""
     text = MAKEFILE.read_text()
-    m = re.search(r"^TRAIN_MALLOC_ENV := (.+)$", text, re.M)
-    assert m, "Makefile defines TRAIN_MALLOC_ENV"
     recipe = re.search(r"^train:.*\n\t(.+)$", text, re.M)
     assert recipe and recipe.group(1).startswith("$(TRAIN_MALLOC_ENV) "), "make train runs under TRAIN_MALLOC_ENV"
-    return dict(item.split("=", 1) for item in m.group(1).split())
+    pipeline = re.search(r"^pipeline:.*\n\t(.+)$", text, re.M)
+    assert pipeline and "TRAIN_MALLOC_ENV" not in pipeline.group(1), "the pipeline sets it for its train stage only"
+    show = "show:\n\t@echo $(TRAIN_MALLOC_ENV)"
+    shown = subprocess.run(["make", "-s", "--no-print-directory", "--eval", show, "show"], cwd=MAKEFILE.parent,
+                           capture_output=True, text=True, check=True).stdout
+    env = dict(item.split("=", 1) for item in shown.split())
+    assert env == train_env()
+    return env
 
 
 def steady_state_faults(extra_env: dict[str, str]) -> int:

@@ -1,5 +1,6 @@
 """Quality gates against hand-computed thresholds; the pipeline: routing of overrides, and the chain
-with stand-in stage scripts (order, failure, reuse by fingerprint, force, resume)."""
+with stand-in stage scripts (order, failure, reuse by fingerprint, force, resume, records kept across
+runs, credentials scrubbed, train's checkpoint folder and allocator settings)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def test_unmeasured_metric_fails_its_gate_and_no_gate_is_not_a_pass():
     assert r["passed"] is False and "json_validity was not measured" in r["checks"][0]["note"]
     assert check_gates(OVERALL, {"top1_agreement": None}) == {"passed": None, "checks": []}
     assert describe({"passed": None, "checks": []}) == "gates not set"
+    # a teacher that never writes valid JSON makes the relative threshold 0: not a pass either
+    r = check_gates({**OVERALL, "teacher_json_validity": 0.0}, {"json_validity": 0.5})
+    assert r["passed"] is False and r["checks"][0]["threshold"] is None
+    assert "teacher's own teacher_json_validity is 0" in r["checks"][0]["note"]
+    assert describe(r) == "gates failed: json_validity 0.25 >= n/a FAILED"
 
 
 @pytest.mark.parametrize("gates, match", [({"top1": 0.3}, "gates.top1: unknown gate"),
@@ -81,25 +87,32 @@ import json, os, sys
 from pathlib import Path
 stage = Path(sys.argv[0]).stem
 args = dict(a.split("=", 1) for a in sys.argv[1:])
+malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
 with open(os.environ["CALLS"], "a") as f:
-    f.write(json.dumps([stage, sys.argv[1:]]) + "\\n")
+    f.write(json.dumps([stage, sys.argv[1:], malloc]) + "\\n")
+if os.environ.get("CRASH") == stage:
+    raise RuntimeError("stand-in crash with " + " ".join(sys.argv[1:]))
 if os.environ.get("FAIL") == stage:
     print("error: stand-in failure of " + stage, file=sys.stderr)
     sys.exit(1)
 run = Path(args["hydra.run.dir"])
-run.mkdir(parents=True)
+run.mkdir(parents=True, exist_ok=True)
 root = Path(args["paths.root"])
 if stage == "collect":
     (root / "data").mkdir(exist_ok=True)
     (root / "data" / "manifest.json").write_text(json.dumps({"trace_set": "abc", "rows": 5, "shards": []}))
 elif stage == "train":
-    (run / "checkpoints").mkdir()
-    (run / "checkpoints" / "last.ckpt").write_text("weights")
+    ckpt = Path(args["paths.checkpoint_dir"])
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "last.ckpt").write_text("weights")
     flip = {"flipped": True, "step": 9}
-    (run / "checkpoints" / "last_health.json").write_text(json.dumps({"step": 10, "val_loss": 1.5, "flip": flip}))
+    (ckpt / "last_health.json").write_text(json.dumps({"step": 10, "val_loss": 1.5, "flip": flip}))
 else:
     Path(args["report_path"]).parent.mkdir(parents=True, exist_ok=True)
     Path(args["report_path"]).write_text(json.dumps({"summary": {"tokens_per_second": 2.0}}))
+if os.environ.get("FAIL_LATE") == stage:  # killed after writing its outputs
+    print("error: stand-in failure of " + stage + " at the end", file=sys.stderr)
+    sys.exit(1)
 '''
 
 
@@ -114,8 +127,9 @@ def chain(tmp_path, run: str, *overrides: str) -> Pipeline:
     args = [f"paths.root={tmp_path}", "model=tiny", *overrides]
     run_dir = tmp_path / "logs" / run
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("pipeline", overrides=[*args, f"pipeline.stage_dir={run_dir}",
-                                             f"pipeline.checkpoint_dir={run_dir}/train/checkpoints"])
+        own = [] if any(o.startswith("pipeline.checkpoint_dir=") for o in args) else \
+            [f"pipeline.checkpoint_dir={run_dir}/train/checkpoints"]
+        cfg = compose("pipeline", overrides=[*args, f"pipeline.stage_dir={run_dir}", *own])
     return Pipeline(cfg, args, scripts_dir=tmp_path / "scripts")
 
 
@@ -125,6 +139,8 @@ def calls(path: Path) -> list:
 
 def test_chain_stops_at_a_failure_then_continues_there_and_reuses_by_fingerprint(tmp_path, monkeypatch):
     stand_in_scripts(tmp_path / "scripts")
+    for var in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(var, raising=False)
     log = tmp_path / "calls.jsonl"
     monkeypatch.setenv("CALLS", str(log))
     monkeypatch.setenv("FAIL", "train")
@@ -139,6 +155,9 @@ def test_chain_stops_at_a_failure_then_continues_there_and_reuses_by_fingerprint
     assert [c[0] for c in first] == ["teacher_baseline", "collect", "train"]
     # routing: model=tiny reaches train only; paths.root reaches every stage
     assert "model=tiny" in first[2][1] and "model=tiny" not in first[0][1] + first[1][1]
+    # train alone runs with its allocator settings (as under make train)
+    assert first[2][2] == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+    assert first[0][2] == first[1][2] == {}
 
     monkeypatch.delenv("FAIL")
     s = chain(tmp_path, "r2").run()
@@ -160,6 +179,89 @@ def test_chain_stops_at_a_failure_then_continues_there_and_reuses_by_fingerprint
     assert [r["status"] for r in s["stages"].values()] == ["ok", "reused", "reused", "reused", "reused"]
 
 
+def test_credentials_in_overrides_are_neither_stored_nor_logged(tmp_path, monkeypatch, caplog):
+    stand_in_scripts(tmp_path / "scripts")
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("CRASH", "train")
+    monkeypatch.setenv("WEBDAV_PASSWORD", "pässwört-42")  # a configured secret, here also in an argument
+    secret = "+extra.url=webdav://user:hunter2pw@127.0.0.1:1/x"
+    with caplog.at_level("INFO", logger="bitnet_kde.pipeline"), pytest.raises(PipelineError) as e:
+        chain(tmp_path, "r1", "pipeline.stages=[train]", secret, "+extra.note='pässwört-42'").run()
+    # the child got the credentials it needs; nothing the pipeline writes or says holds them
+    assert secret in calls(tmp_path / "calls.jsonl")[0][1]
+    text = (tmp_path / "reports" / "pipeline_summary.json").read_text()
+    s = json.loads(text)
+    assert "+extra.url=webdav://***@127.0.0.1:1/x" in s["overrides"]
+    assert "+extra.url=webdav://***@127.0.0.1:1/x" in s["stages"]["train"]["args"]
+    assert "RuntimeError: stand-in crash with" in s["stages"]["train"]["error"]
+    assert "webdav://***@127.0.0.1:1/x" in s["stages"]["train"]["error"]
+    assert "webdav://***@" in caplog.text
+    assert "+extra.note='***'" in s["stages"]["train"]["args"]
+    for word in ("hunter2pw", "pässwört-42"):
+        assert word not in json.dumps(s, ensure_ascii=False) + caplog.text + str(e.value)
+
+
+def test_a_run_keeps_the_records_of_stages_it_did_not_run(tmp_path, monkeypatch):
+    stand_in_scripts(tmp_path / "scripts")
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("CALLS", str(log))
+    chain(tmp_path, "r1").run()
+    s = chain(tmp_path, "r2", "pipeline.stages=[dryrun]").run()
+    assert list(s["stages"]) == ["teacher_baseline", "collect", "train", "eval", "dryrun"]
+    assert [r["status"] for r in s["stages"].values()] == ["ok", "ok", "ok", "ok", "reused"]
+    s = chain(tmp_path, "r3").run()
+    assert {r["status"] for r in s["stages"].values()} == {"reused"} and len(calls(log)) == 5
+    # a training that fails alone does not make the next full run redo the stages before it
+    monkeypatch.setenv("FAIL", "train")
+    with pytest.raises(PipelineError):
+        chain(tmp_path, "r4", "trainer.max_steps=7", "pipeline.stages=[train]").run()
+    monkeypatch.delenv("FAIL")
+    s = chain(tmp_path, "r5", "trainer.max_steps=7").run()
+    assert [r["status"] for r in s["stages"].values()] == ["reused", "reused", "ok", "ok", "reused"]
+    assert [c[0] for c in calls(log)[5:]] == ["train", "train", "eval"]
+
+
+def test_eval_never_takes_the_checkpoint_of_a_training_that_did_not_finish(tmp_path, monkeypatch):
+    stand_in_scripts(tmp_path / "scripts")
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("CALLS", str(log))
+    chain(tmp_path, "r1", "pipeline.stages=[train,eval]").run()
+    monkeypatch.setenv("FAIL_LATE", "train")  # its last.ckpt exists, but the training failed
+    with pytest.raises(PipelineError):
+        chain(tmp_path, "r2", "trainer.max_steps=7", "pipeline.stages=[train]").run()
+    monkeypatch.delenv("FAIL_LATE")
+    with pytest.raises(PipelineError, match="the latest training did not finish.*ckpt_path="):
+        chain(tmp_path, "r3", "pipeline.stages=[eval]").run()
+    s = json.loads((tmp_path / "reports" / "pipeline_summary.json").read_text())
+    assert s["failed_stage"] == "eval" and s["stages"]["eval"]["exit_code"] is None
+    assert [c[0] for c in calls(log)] == ["train", "eval", "train"]  # eval was not started
+    # a checkpoint given to eval is evaluated
+    s = chain(tmp_path, "r4", "pipeline.stages=[eval]", "pipeline.overrides.eval=['ckpt_path=/my.ckpt']").run()
+    assert s["stages"]["eval"]["status"] == "ok" and "ckpt_path=/my.ckpt" in calls(log)[-1][1]
+
+
+def test_train_writes_where_the_pipeline_looks_and_a_retraining_is_evaluated_again(tmp_path, monkeypatch):
+    stand_in_scripts(tmp_path / "scripts")
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("CALLS", str(log))
+    folder = tmp_path / "ckpts"
+    s = chain(tmp_path, "r1", "pipeline.stages=[train,eval]", f"pipeline.checkpoint_dir={folder}").run()
+    train = s["stages"]["train"]
+    assert train["artefacts"]["checkpoint"] == str(folder / "last.ckpt") and (folder / "last.ckpt").is_file()
+    assert train["figures"]["step"] == 10 and f"paths.checkpoint_dir={folder}" in calls(log)[0][1]
+    assert f"ckpt_path={folder / 'last.ckpt'}" in calls(log)[1][1]
+    # the folder is where the run works, not what it does: a second run reuses both stages
+    s = chain(tmp_path, "r2", "pipeline.stages=[train,eval]", f"pipeline.checkpoint_dir={folder}").run()
+    assert [r["status"] for r in s["stages"].values()] == ["reused", "reused"] and len(calls(log)) == 2
+    # a training forced again writes the same checkpoint path; its evaluation is not stale
+    s = chain(tmp_path, "r3", "pipeline.stages=[train,eval]", f"pipeline.checkpoint_dir={folder}",
+              "pipeline.force=[train]").run()
+    assert [r["status"] for r in s["stages"].values()] == ["ok", "ok"]
+    assert [c[0] for c in calls(log)[2:]] == ["train", "eval"]
+    with pytest.raises(PipelineError, match=r"paths.checkpoint_dir=/x: .* set pipeline.checkpoint_dir=<folder>"):
+        chain(tmp_path, "r4", "paths.checkpoint_dir=/x")
+
+
 def test_a_failed_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     stand_in_scripts(tmp_path / "scripts")
     log = tmp_path / "calls.jsonl"
@@ -176,11 +278,40 @@ def test_a_failed_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatc
     assert f"ckpt_path={s['stages']['train']['resumed_from']}" in calls(log)[-1][1]
 
 
+def test_an_interrupted_training_is_recorded_running_and_resumed(tmp_path, monkeypatch):
+    import bitnet_kde.pipeline as pipeline
+
+    stand_in_scripts(tmp_path / "scripts")
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("CALLS", str(log))
+    real = pipeline.run_child
+
+    def interrupted(cmd, **kwargs):  # Ctrl-C after the child wrote its checkpoint
+        real(cmd, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_child", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        chain(tmp_path, "r1", "pipeline.stages=[train,eval]").run()
+    s = json.loads((tmp_path / "reports" / "pipeline_summary.json").read_text())
+    assert s["status"] == "running" and s["stages"]["train"]["status"] == "running"
+    assert s["stages"]["eval"]["status"] == "not_run"
+    monkeypatch.setattr(pipeline, "run_child", real)
+    s = chain(tmp_path, "r2", "pipeline.stages=[train,eval]").run()
+    ckpt = str(tmp_path / "logs" / "r1" / "train" / "checkpoints" / "last.ckpt")
+    assert s["stages"]["train"]["status"] == "ok" and s["stages"]["train"]["resumed_from"] == ckpt
+    assert [c[0] for c in calls(log)] == ["train", "train", "eval"] and f"ckpt_path={ckpt}" in calls(log)[1][1]
+
+
 def test_gate_without_a_threshold_and_unknown_stages_are_refused(tmp_path):
     with pytest.raises(PipelineError, match="no gate is set"):
         chain(tmp_path, "r", "pipeline.gate=true")
-    with pytest.raises(PipelineError, match=r"unknown stage\(s\) \['trian'\]"):
+    with pytest.raises(PipelineError, match=r"pipeline.gate=true .* has no eval"):
+        chain(tmp_path, "r", "pipeline.gate=true", "pipeline.gates.top1_agreement=0.3", "pipeline.stages=[dryrun]")
+    with pytest.raises(PipelineError, match=r"pipeline.force: unknown stage\(s\) \['trian'\]"):
         chain(tmp_path, "r", "pipeline.force=[trian]")
+    with pytest.raises(PipelineError, match=r"pipeline.stages: unknown stage\(s\) \['all'\].*is for pipeline.force"):
+        chain(tmp_path, "r", "pipeline.stages=[all]")
 
 
 def test_smoke_preset_replaces_train_experiment():

@@ -391,6 +391,17 @@ def test_check_env_lists_missing_variables_masks_values_and_checks_reachability(
     assert fake_key not in proc.stdout + proc.stderr and S3_SECRET not in proc.stdout + proc.stderr
 
 
+def test_check_env_never_prints_credentials_written_into_the_root_url(capsys, monkeypatch):
+    from bitnet_kde import env
+
+    for var in ("WEBDAV_URL", "WEBDAV_USERNAME", "WEBDAV_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    assert env.check(["paths.root=webdav://user:hunter2pw@127.0.0.1:1/x"]) == 1
+    out = capsys.readouterr().out
+    assert "webdav://***@127.0.0.1:1/x" in out and "WEBDAV_PASSWORD is not set" in out
+    assert "hunter2pw" not in out
+
+
 # ------------------------------------------------------------------------------------ S3 end to end
 
 SMALL = ["collection.prompts.limit=8", "collection.chunk_size=4", "collection.sampling.max_new_tokens=16",

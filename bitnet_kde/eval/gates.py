@@ -10,7 +10,8 @@ teacher's own value on the same held-out prompts (docs/PIPELINE.md):
 - `kl_max: d` passes when KL(teacher || student) is <= d nats per token (the teacher's is 0).
 
 A gate whose metric was not measured (e.g. no `json` prompts held out) fails: a gate that cannot
-be checked must not pass a run.
+be checked must not pass a run. So does a gate relative to a teacher whose own value is 0 (its
+threshold would be 0: any student passes).
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def check_gates(overall: Mapping, gates: Mapping | None) -> dict:
                  "rule": "<=" if gate.at_most else ">="}
         if student is None or teacher is None:
             check.update(threshold=None, passed=False, note=f"{gate.metric} was not measured on the held-out prompts")
+        elif not isinstance(gate.teacher, float) and teacher == 0:
+            check.update(threshold=None, passed=False,
+                         note=f"the teacher's own {gate.teacher} is 0 on the held-out prompts, so a threshold "
+                              "relative to it would pass any student: the gate cannot be checked")
         else:
             threshold = given if gate.at_most else given * teacher
             passed = student <= threshold if gate.at_most else student >= threshold
