@@ -44,10 +44,15 @@ def load_dotenv_file(path: str | Path = ".env") -> bool:
     return load_dotenv(path, override=False)
 
 
+def override_key(override: str) -> str:
+    """The key a Hydra override sets: `+model.d_model=64` -> `model.d_model`; `~callbacks.x` -> `callbacks.x`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def group_from_env(argv: list[str], variable: str, group: str) -> list[str]:
     """Add `<group>=<$variable>` to Hydra's arguments unless the command line already picks one."""
     value = os.environ.get(variable, "").strip()
-    if not value or any(a.split("=", 1)[0].lstrip("+~") == group for a in argv[1:]):
+    if not value or any(override_key(a) == group for a in argv[1:]):
         return argv
     return [*argv, f"{group}={value}"]
 

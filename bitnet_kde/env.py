@@ -51,7 +51,7 @@ def compose_config(argv: list[str]):
     from hydra import compose, initialize_config_dir
 
     argv = cli.hydra_argv(["env", *argv])[1:]
-    overrides = [a for a in argv if a.split("=", 1)[0].lstrip("+~").split(".")[0] in _GROUPS]
+    overrides = [a for a in argv if cli.override_key(a).split(".")[0] in _GROUPS]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=True)
 

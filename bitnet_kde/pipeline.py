@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bitnet_kde import storage
+from bitnet_kde.cli import override_key
 from bitnet_kde.env import CONFIG_DIR
 from bitnet_kde.eval.gates import describe, gate_settings
 from bitnet_kde.kd.traces import arrow_path
@@ -64,11 +65,6 @@ GATE_EXIT = 2
 
 class PipelineError(ValueError):
     """A stage failed (its error is in the summary), or the pipeline's own settings are wrong."""
-
-
-def override_key(override: str) -> str:
-    """`+model.d_model=64` -> `model.d_model`; `~callbacks.x` -> `callbacks.x`."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def route(overrides: Sequence[str], stage: str, *, forward_experiment: bool = True) -> list[str]:
