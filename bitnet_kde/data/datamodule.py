@@ -95,11 +95,6 @@ class TraceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def loss_tokens(self, i: int) -> int:
-        """Loss-bearing positions of row i after truncation."""
-        n = min(self.row_off[i + 1] - self.row_off[i], self.max_seq_len)
-        return max(int(n - self.completion_start[i]), 0)
-
     def __getitem__(self, i: int) -> dict:
         a, b = self.row_off[i], self.row_off[i + 1]
         b = min(b, a + self.max_seq_len)
